@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The kv-offload configuration: parsed once, at the boundary, into a frozen dataclass.
+
+``OffloadConfig.from_dict(d)`` takes the connector's ``kv_connector_extra_config`` (or any
+plain mapping). Unknown keys, wrong types and impossible values raise :class:`ConfigError`
+naming the key. Each field's comment is its documentation (docs/usage.md has the table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ConfigError", "OffloadConfig", "parse_bytes"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"kv_offload config key {key!r}: {message}")
+        self.key = key
+
+
+def parse_bytes(value: object, key: str = "cpu_bytes") -> int:
+    """``4294967296``, ``"4GiB"``, ``"4G"`` (decimal), ``"512 MiB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {value!r}")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, float) and value.is_integer():
+        result = int(value)
+    elif isinstance(value, str):
+        m = _BYTES_RE.match(value)
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _UNITS:
+            raise ConfigError(key, f"cannot parse {value!r} as a byte count (e.g. 4294967296, '4GiB', '512MB')")
+        result = int(float(m.group(1)) * _UNITS[unit])
+    else:
+        raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {value!r}")
+    if result <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return result
+
+
+def _check_type(key: str, value: object, types: tuple[type, ...], what: str) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(key, f"expected {what}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(key, f"expected {what}, got {type(value).__name__} {value!r}")
+
+
+def _int_at_least(key: str, value: object, low: int) -> int:
+    _check_type(key, value, (int,), "an int")
+    assert isinstance(value, int)
+    if value < low:
+        raise ConfigError(key, f"must be >= {low}, got {value}")
+    return value
+
+
+def _name(key: str, value: object) -> str:
+    _check_type(key, value, (str,), "a string")
+    assert isinstance(value, str)
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    return value
+
+
+def _optional(key: str, value: object, parse: Any) -> Any:
+    return None if value is None else parse(key, value)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    #: Capacity of the pool in bytes (int, or a string such as "4GiB"). Required.
+    cpu_bytes: int
+    #: Eviction policy: a registered name ("lru", "arc") or a class name with
+    #: ``eviction_policy_module_path``.
+    eviction_policy: str = "lru"
+    #: Module to import ``eviction_policy`` from (a policy outside kv-offload).
+    eviction_policy_module_path: str | None = None
+    #: Store a block only once it was offered this many times (0 or 1: always store).
+    store_threshold: int = 0
+    #: Keys remembered by the admission counter of ``store_threshold``.
+    max_tracker_size: int = 64_000
+    #: Storage backend: a registered name ("host") or a class name with ``backend_module_path``.
+    backend: str = "host"
+    #: Module to import ``backend`` from (a backend outside kv-offload).
+    backend_module_path: str | None = None
+    #: Options passed to the backend (each backend validates its own).
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Bind the host pool to this NUMA node (None: the kernel's default placement).
+    numa_node: int | None = None
+    #: Put the pool in the shared-memory segment /dev/shm/kv_offload.<name> (None: private).
+    shm_name: str | None = None
+    #: Page-lock the pool for DMA when a CUDA device is present.
+    pin_memory: bool = True
+    #: Threads the CPU transfer engine copies with.
+    transfer_threads: int = 2
+    #: Offload only prompt (prefill) blocks, not blocks filled by decoding.
+    offload_prompt_only: bool = True
+    #: Smallest prefix hit, in tokens, worth loading (shorter hits are recomputed).
+    min_load_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> OffloadConfig:
+        """Validate ``raw`` (unknown keys, types, ranges) and build the config."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError("kv_connector_extra_config", f"expected a JSON object, got {raw!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown key; accepted keys: {sorted(names)}")
+        if "cpu_bytes" not in raw:
+            raise ConfigError("cpu_bytes", "is required (pool capacity, e.g. 4294967296 or '4GiB')")
+        values: dict[str, Any] = dict(raw)
+        values["cpu_bytes"] = parse_bytes(raw["cpu_bytes"], "cpu_bytes")
+        for key in ("eviction_policy", "backend"):
+            if key in raw:
+                values[key] = _name(key, raw[key])
+        for key in ("eviction_policy_module_path", "backend_module_path", "shm_name"):
+            if key in raw:
+                values[key] = _optional(key, raw[key], _name)
+        if "shm_name" in raw and raw["shm_name"] is not None:
+            from kv_offload.pool.host_pool import shm_path
+
+            try:
+                shm_path(values["shm_name"])
+            except ValueError as exc:
+                raise ConfigError("shm_name", str(exc)) from None
+        for key, low in (("store_threshold", 0), ("max_tracker_size", 1), ("transfer_threads", 1),
+                         ("min_load_tokens", 0)):  # fmt: skip
+            if key in raw:
+                values[key] = _int_at_least(key, raw[key], low)
+        if "numa_node" in raw:
+            values["numa_node"] = _optional("numa_node", raw["numa_node"], lambda k, v: _int_at_least(k, v, 0))
+        for key in ("pin_memory", "offload_prompt_only"):
+            if key in raw:
+                _check_type(key, raw[key], (bool,), "true or false")
+        if "backend_options" in raw:
+            _check_type("backend_options", raw["backend_options"], (Mapping,), "a JSON object")
+            values["backend_options"] = dict(raw["backend_options"])
+        return cls(**values)

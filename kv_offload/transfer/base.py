@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The transfer-engine interface: jobs of block copies between a KV cache and the host pool.
+
+A job copies whole blocks: ``device_blocks[i]`` of the engine's KV cache <-> host slot
+``host_slots[i]`` of the pool, every layer. Engines run jobs asynchronously: ``submit``
+returns at once, ``poll`` hands back what finished (successfully or not) and never blocks,
+``wait`` blocks until the named jobs finished (their results still come from ``poll``).
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Direction", "TransferJob", "TransferResult", "TransferEngine", "TransferError"]
+
+
+class TransferError(RuntimeError):
+    """A job could not be submitted (bad block ids, engine closed, ...)."""
+
+
+class Direction(str, enum.Enum):
+    #: KV cache -> host pool (offload).
+    STORE = "store"
+    #: host pool -> KV cache (bring back).
+    LOAD = "load"
+
+
+def _as_index_array(values: Sequence[int] | npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    arr = np.asarray(values, dtype=np.int64)
+    if arr.ndim != 1:
+        raise TransferError(f"block lists must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+@dataclass(frozen=True)
+class TransferJob:
+    """One batch of block copies in one direction."""
+
+    job_id: int
+    direction: Direction
+    device_blocks: npt.NDArray[np.int64] = field(repr=False)
+    host_slots: npt.NDArray[np.int64] = field(repr=False)
+
+    @classmethod
+    def make(
+        cls,
+        job_id: int,
+        direction: Direction,
+        device_blocks: Sequence[int] | npt.NDArray[np.int64],
+        host_slots: Sequence[int] | npt.NDArray[np.int64],
+    ) -> TransferJob:
+        dev = _as_index_array(device_blocks)
+        host = _as_index_array(host_slots)
+        if dev.shape != host.shape:
+            raise TransferError(
+                f"job {job_id}: {dev.size} device blocks but {host.size} host slots"
+            )
+        return cls(job_id, Direction(direction), dev, host)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.device_blocks.size)
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    job_id: int
+    success: bool
+    #: bytes moved (0 on failure)
+    nbytes: int
+    #: seconds from submission to completion
+    seconds: float
+    direction: Direction
+    error: str | None = None
+
+
+class TransferEngine(ABC):
+    """Moves blocks between one worker's KV cache and the host pool.
+
+    Subclasses implement the three abstract methods; ``shutdown`` defaults to waiting for
+    every submitted job.
+    """
+
+    @abstractmethod
+    def submit(self, job: TransferJob) -> None:
+        """Queue ``job``; returns without waiting. Raises :class:`TransferError` on a bad job."""
+
+    @abstractmethod
+    def poll(self) -> list[TransferResult]:
+        """Results of jobs finished since the last call, in completion order. Never blocks."""
+
+    @abstractmethod
+    def wait(self, job_ids: Collection[int]) -> None:
+        """Block until every job in ``job_ids`` has finished (unknown ids are ignored)."""
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet handed back by :meth:`poll` (default: unknown, 0)."""
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop the engine. Default: nothing to release."""

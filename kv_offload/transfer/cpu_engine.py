@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CPU transfer engine: host-to-host paged gather/scatter for CPU-only vLLM and tests.
+
+Jobs run in submission order on one background thread; each job is a batch of byte-range
+descriptors (see :mod:`kv_offload.transfer.plan`) executed by the native
+``copy_segments`` op, which splits the bytes over ``num_threads`` threads and runs without
+the GIL. So ``submit`` returns at once and the engine step is never blocked by a copy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Collection, Sequence
+
+import torch
+
+from kv_offload._native import load_native
+from kv_offload.transfer.base import Direction, TransferEngine, TransferError, TransferJob, TransferResult
+from kv_offload.transfer.plan import CopyBatch, PageRegion, build_copy_batch
+
+__all__ = ["CpuTransferEngine", "run_copy_batch"]
+
+
+def run_copy_batch(batch: CopyBatch, num_threads: int) -> None:
+    """Execute ``batch`` now, on the calling thread (plus ``num_threads - 1`` helpers)."""
+    if batch.num_descriptors == 0:
+        return
+    load_native()
+    src, dst, sizes = batch.as_tensors()
+    torch.ops.kv_offload.copy_segments(src, dst, sizes, num_threads)
+
+
+class CpuTransferEngine(TransferEngine):
+    """Copies blocks between KV-cache pages in host memory and a host pool.
+
+    Args:
+        regions: the KV cache's page regions (``regions_from_layers``).
+        pool: ``uint8[num_slots, slot_bytes]`` host pool tensor (a backend's ``open()``).
+        num_threads: copy threads per job.
+    """
+
+    def __init__(self, regions: Sequence[PageRegion], pool: torch.Tensor, *, num_threads: int = 2) -> None:
+        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu":
+            raise ValueError("pool must be a CPU uint8 tensor [num_slots, slot_bytes]")
+        if not pool[0].is_contiguous():
+            raise ValueError("pool slots must be contiguous")
+        load_native()
+        self.regions = list(regions)
+        self.pool = pool
+        self.num_threads = num_threads
+        self._host_base = pool.data_ptr()
+        self._slot_bytes = pool.stride(0)
+        self._num_slots = pool.shape[0]
+        self._jobs: queue.SimpleQueue[tuple[TransferJob, CopyBatch, float] | None] = queue.SimpleQueue()
+        self._done: list[TransferResult] = []
+        self._finished: set[int] = set()
+        self._in_flight: set[int] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kv_offload-cpu-copy", daemon=True)
+        self._thread.start()
+
+    def plan(self, job: TransferJob) -> CopyBatch:
+        return build_copy_batch(job, self.regions, self._host_base, self._slot_bytes, self._num_slots)
+
+    def submit(self, job: TransferJob) -> None:
+        if self._closed:
+            raise TransferError("engine is shut down")
+        batch = self.plan(job)  # validates ids before anything is queued
+        with self._cond:
+            if job.job_id in self._in_flight:
+                raise TransferError(f"job {job.job_id} is already in flight")
+            self._in_flight.add(job.job_id)
+        self._jobs.put((job, batch, time.perf_counter()))
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, batch, submitted = item
+            error: str | None = None
+            try:
+                run_copy_batch(batch, self.num_threads)
+            except Exception as exc:  # reported as a failed job; the caller recomputes
+                error = f"{type(exc).__name__}: {exc}"
+            result = TransferResult(
+                job_id=job.job_id,
+                success=error is None,
+                nbytes=batch.total_bytes if error is None else 0,
+                seconds=time.perf_counter() - submitted,
+                direction=job.direction,
+                error=error,
+            )
+            with self._cond:
+                self._done.append(result)
+                self._finished.add(job.job_id)
+                self._cond.notify_all()
+
+    def poll(self) -> list[TransferResult]:
+        with self._cond:
+            done, self._done = self._done, []
+            for r in done:
+                self._in_flight.discard(r.job_id)
+                self._finished.discard(r.job_id)
+        return done
+
+    def wait(self, job_ids: Collection[int]) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: all(j in self._finished or j not in self._in_flight for j in job_ids))
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._in_flight)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join()
+
+

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from types import ModuleType
 
 __all__ = ["load_native", "NativeExtensionMissing"]
@@ -17,10 +18,10 @@ class NativeExtensionMissing(ImportError):
 def load_native() -> ModuleType:
     """Import ``kv_offload._C`` once; a clear error if the package was installed without it."""
     try:
-        from kv_offload import _C
+        module = importlib.import_module("kv_offload._C")
     except ImportError as exc:
         raise NativeExtensionMissing(
             "kv_offload._C is not built: reinstall with `pip install --no-build-isolation -e .`"
             f" next to the torch you run (a C++17 compiler is needed): {exc}"
         ) from exc
-    return _C
+    return module

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 __all__ = ["Registry", "RegistryError"]
 
@@ -28,7 +28,8 @@ class RegistryError(LookupError):
 class Registry(Generic[T]):
     """Name -> (module path, class name), resolved lazily to a subclass of ``base``."""
 
-    def __init__(self, kind: str, base: type[T]) -> None:
+    def __init__(self, kind: str, base: type[Any]) -> None:
+        # ``type[Any]``: the base is usually abstract, which ``type[T]`` would refuse.
         self.kind = kind
         self.base = base
         self._entries: dict[str, tuple[str, str]] = {}
@@ -73,4 +74,4 @@ class Registry(Generic[T]):
             raise RegistryError(
                 f"{path}.{class_name} is not a subclass of {self.base.__name__} ({self.kind} {name!r})"
             )
-        return cls
+        return cast("type[T]", cls)

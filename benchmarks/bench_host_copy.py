@@ -96,12 +96,13 @@ def bench_copies(args: argparse.Namespace) -> list[dict[str, object]]:
 
         engine_s = median_seconds(through_engine, args.reps)
         engine.shutdown()
+        descriptors = batches[0].num_descriptors
         del engine, batches, it
         rows.append({
             "op": label,
             "blocks": n,
             "bytes": nbytes,
-            "descriptors": batches[0].num_descriptors,
+            "descriptors": descriptors,
             "threads": args.threads,
             "seconds": op_s,
             "gbps": nbytes / op_s / 1e9,

@@ -239,6 +239,9 @@ class HostPool:
 
     def close(self) -> None:
         """Unpin, unmap and (for the creator of a shared pool) unlink the segment."""
+        self._release(warn=True)
+
+    def _release(self, warn: bool) -> None:
         if getattr(self, "_mmap", None) is None:
             return
         if self._registered:
@@ -250,7 +253,8 @@ class HostPool:
         try:
             self._mmap.close()
         except BufferError:
-            logger.warning("kv_offload: host pool still has live views; unmapped at exit instead")
+            if warn:
+                logger.warning("kv_offload: host pool still has live views; unmapped when they go")
         self._mmap = None  # type: ignore[assignment]
         if self._fd is not None:
             os.close(self._fd)
@@ -271,6 +275,6 @@ class HostPool:
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._release(warn=False)
         except Exception:
             pass

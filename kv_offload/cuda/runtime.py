@@ -2,22 +2,44 @@
 """The only place kv-offload touches cuda-python.
 
 Imports happen on first use, so this module imports cleanly on machines without CUDA.
+
+kv-offload talks to the **driver** API (``cuda.bindings.driver``) for everything it does
+itself: host registration, batched and single async copies. The driver API works with any
+installed driver (the runtime bindings of a newer cuda-python refuse to run on an older
+driver), and it shares the device's primary context with torch, so streams, events and
+pinned ranges are the same objects for both. Driver calls need a current context on the
+calling thread: :func:`ensure_context` provides it (torch's runtime usually has made the
+primary context current already).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from types import ModuleType
 from typing import Any
 
-__all__ = ["cuda_available", "cudart", "check", "host_register", "host_unregister", "MAX_REGISTER_CHUNK"]
+__all__ = [
+    "CudaError",
+    "cuda_available",
+    "cudart",
+    "driver",
+    "check",
+    "driver_version",
+    "ensure_context",
+    "host_register",
+    "host_unregister",
+    "is_host_registered",
+    "MAX_REGISTER_CHUNK",
+]
 
-#: cudaHostRegister is applied in chunks of at most this many bytes.
+#: cuMemHostRegister is applied in chunks of at most this many bytes (single registrations
+#: of hundreds of GiB fail on some hosts, and a failed one is costly to recover from).
 MAX_REGISTER_CHUNK = 64 << 30
 
 
 class CudaError(RuntimeError):
-    pass
+    """A CUDA call returned an error code."""
 
 
 def cuda_available() -> bool:
@@ -34,7 +56,19 @@ def cudart() -> ModuleType:
         from cuda.bindings import runtime
     except ImportError:
         from cuda import cudart as runtime  # type: ignore[no-redef]
-    return runtime
+    module: ModuleType = runtime
+    return module
+
+
+@functools.cache
+def driver() -> ModuleType:
+    """cuda-python's driver bindings (``cuda.bindings.driver``, or the pre-12.8 ``cuda.cuda``)."""
+    try:
+        from cuda.bindings import driver as drv
+    except ImportError:
+        from cuda import cuda as drv  # type: ignore[no-redef]
+    module: ModuleType = drv
+    return module
 
 
 def check(result: Any, what: str) -> Any:
@@ -48,22 +82,65 @@ def check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def host_register(address: int, length: int, chunk: int = MAX_REGISTER_CHUNK) -> list[tuple[int, int]]:
-    """Page-lock ``[address, address+length)`` with cudaHostRegister, ``chunk`` bytes at a time.
+_init_lock = threading.Lock()
+_initialized = False
 
-    Returns the registered (address, length) chunks. On failure, chunks registered so far
-    are unregistered again and :class:`CudaError` is raised.
+
+def _init_driver() -> ModuleType:
+    global _initialized
+    drv = driver()
+    if not _initialized:
+        with _init_lock:
+            if not _initialized:
+                check(drv.cuInit(0), "cuInit")
+                _initialized = True
+    return drv
+
+
+def driver_version() -> int:
+    """The installed driver's CUDA version as ``1000 * major + 10 * minor`` (12080 = 12.8)."""
+    return int(check(_init_driver().cuDriverGetVersion(), "cuDriverGetVersion"))
+
+
+def ensure_context(device_index: int | None = None) -> None:
+    """Make sure the calling thread has a current context (the device's primary context).
+
+    torch uses the primary context too, so kv-offload's driver calls and torch's kernels
+    operate on the same address space, streams and events. ``None`` means torch's current
+    device.
     """
-    rt = cudart()
+    drv = _init_driver()
+    ctx = check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if ctx is not None and int(ctx) != 0:
+        return
+    if device_index is None:
+        import torch
+
+        device_index = int(torch.cuda.current_device())
+    dev = check(drv.cuDeviceGet(device_index), "cuDeviceGet")
+    primary = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    check(drv.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
+
+
+def host_register(address: int, length: int, chunk: int = MAX_REGISTER_CHUNK) -> list[tuple[int, int]]:
+    """Page-lock ``[address, address+length)`` for DMA, ``chunk`` bytes at a time.
+
+    Registered as portable (usable from every context) and device-mapped, which is what the
+    runtime's ``cudaHostRegisterDefault`` means under unified addressing. Returns the
+    registered (address, length) chunks. On failure, chunks registered so far are
+    unregistered again and :class:`CudaError` is raised.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    drv = _init_driver()
+    ensure_context()
+    flags = int(drv.CU_MEMHOSTREGISTER_PORTABLE) | int(drv.CU_MEMHOSTREGISTER_DEVICEMAP)
     done: list[tuple[int, int]] = []
     offset = 0
     try:
         while offset < length:
             n = min(chunk, length - offset)
-            check(
-                rt.cudaHostRegister(address + offset, n, rt.cudaHostRegisterDefault),
-                f"cudaHostRegister({n} bytes)",
-            )
+            check(drv.cuMemHostRegister(address + offset, n, flags), f"cuMemHostRegister({n} bytes)")
             done.append((address + offset, n))
             offset += n
     except Exception:
@@ -73,6 +150,24 @@ def host_register(address: int, length: int, chunk: int = MAX_REGISTER_CHUNK) ->
 
 
 def host_unregister(chunks: list[tuple[int, int]]) -> None:
-    rt = cudart()
+    """Undo :func:`host_register`. Every chunk is attempted; the first error is raised after."""
+    if not chunks:
+        return
+    drv = _init_driver()
+    ensure_context()
+    first: CudaError | None = None
     for address, _ in chunks:
-        check(rt.cudaHostUnregister(address), "cudaHostUnregister")
+        try:
+            check(drv.cuMemHostUnregister(address), "cuMemHostUnregister")
+        except CudaError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def is_host_registered(address: int) -> bool:
+    """``address`` lies in page-locked host memory known to CUDA (registered or allocated)."""
+    drv = _init_driver()
+    ensure_context()
+    err, _flags = drv.cuMemHostGetFlags(address)
+    return int(err) == 0

@@ -1,0 +1,525 @@
+// SPDX-License-Identifier: Apache-2.0
+// The attention kernels, written once over a small SIMD interface (`Simd`, see simd_*.h) and
+// compiled once per instruction set. Include this from an attn_<isa>.cpp after defining
+// KVO_ISA (the namespace of that ISA's Simd) and including its simd_<isa>.h.
+//
+// Algorithm (both decode and prefill): a work item owns R query rows that share one KV head
+// (decode: the G query heads of a GQA group; prefill: M new tokens x G heads). It walks the
+// visible KV positions in chunks of at most kChunk tokens (one block, or part of one, or a
+// piece of the dense new-token K/V), and per chunk:
+//   1. S = Q K^T for all R rows (scores already in log2 units: Q is pre-scaled by
+//      scale * log2(e)); each K element is read from memory once for the R rows;
+//   2. masks positions outside a row's window/causal range;
+//   3. online softmax: new running max, rescale of the accumulator, P = 2^(S - max);
+//   4. acc += P V, again reading each V element once for the R rows.
+// K is read in place whether it is token-major (dim stride 1: HND, NHD, LATENT, dense) or
+// dim-major (token stride 1: the CPU page format's K^T).
+#pragma once
+
+#ifndef KVO_ISA
+#error "define KVO_ISA before including attn_impl.h"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu_attn.h"
+#include "kernels/scalar_cvt.h"
+
+namespace kv_offload {
+namespace cpu_attn {
+namespace KVO_ISA {
+
+constexpr int kChunk = 128;               // most tokens handled per chunk
+constexpr int kRowTile = 4;               // query rows per register tile
+constexpr int kSStride = kChunk + 16;     // row stride of the score buffer
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using vf = Simd::vf;
+constexpr int W = Simd::W;
+constexpr int kDvVecs = 16 / W;  // V dims per P.V tile = 16 (head sizes are multiples of 16)
+
+struct Scratch {
+  std::vector<float> q, s, acc, m, l;
+  std::vector<int64_t> lo, hi;
+  void ensure(int rows, int d, int dv) {
+    if (static_cast<int>(m.size()) < rows) {
+      m.resize(rows);
+      l.resize(rows);
+      lo.resize(rows);
+      hi.resize(rows);
+      s.resize(static_cast<size_t>(rows) * kSStride);
+    }
+    if (q.size() < static_cast<size_t>(rows) * d) q.resize(static_cast<size_t>(rows) * d);
+    if (acc.size() < static_cast<size_t>(rows) * dv) acc.resize(static_cast<size_t>(rows) * dv);
+  }
+};
+
+static Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// One contiguous run of KV positions [pos, pos + n) of one KV head.
+template <class KT>
+struct Chunk {
+  const KT* k;  // element (token pos, dim 0)
+  const KT* v;
+  int64_t k_tok, k_dim, v_tok;
+  int n;
+  int64_t pos;
+};
+
+// Rows and their KV source for one work item.
+template <class KT>
+struct RowJob {
+  int rows, d, dv;
+  const KVLayout* kv;
+  int head;
+  const int32_t* block_ids;  // this sequence's row of the block table
+  int64_t prefix;            // positions [0, prefix) come from blocks
+  const KT* new_k;           // positions >= prefix come from dense rows (prefill only)
+  const KT* new_v;
+  int64_t new_k_tok, new_v_tok;
+  int64_t p_lo, p_hi;  // union of the rows' visible ranges
+};
+
+// ---- Q.K micro-kernels -----------------------------------------------------------------
+
+// Token-major K (dim stride 1): RT rows x NT tokens of dot products over D.
+template <class KT, int DC, int RT, int NT>
+static inline void qk_token_major(const float* q, int d, const KT* k, int64_t k_tok, float* s) {
+  const int dn = DC ? DC : d;
+  vf acc[RT][NT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = Simd::zero();
+  for (int i = 0; i < dn; i += W) {
+    vf kv[NT];
+    for (int t = 0; t < NT; ++t) kv[t] = Simd::load_cvt(k + t * k_tok + i);
+    for (int r = 0; r < RT; ++r) {
+      vf qv = Simd::load(q + r * dn + i);
+      for (int t = 0; t < NT; ++t) acc[r][t] = Simd::fma(qv, kv[t], acc[r][t]);
+    }
+  }
+  if constexpr (RT * NT == 8) {
+    float out[8];
+    Simd::hsum8(&acc[0][0], out);
+    for (int r = 0; r < RT; ++r)
+      for (int t = 0; t < NT; ++t) s[r * kSStride + t] = out[r * NT + t];
+  } else {
+    for (int r = 0; r < RT; ++r)
+      for (int t = 0; t < NT; ++t) s[r * kSStride + t] = Simd::hsum(acc[r][t]);
+  }
+}
+
+// Dim-major K (token stride 1): RT rows x NV vectors of W tokens, broadcasting Q.
+template <class KT, int DC, int RT, int NV>
+static inline void qk_dim_major(const float* q, int d, const KT* k, int64_t k_dim, float* s) {
+  const int dn = DC ? DC : d;
+  vf acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = Simd::zero();
+  for (int i = 0; i < dn; ++i) {
+    vf kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = Simd::load_cvt(k + i * k_dim + j * W);
+    for (int r = 0; r < RT; ++r) {
+      vf qb = Simd::set1(q[r * dn + i]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = Simd::fma(qb, kv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) Simd::store(s + r * kSStride + j * W, acc[r][j]);
+}
+
+template <class KT, int DC, int NT>
+static inline void qk_token_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_tok,
+                                       float* s) {
+  const int dn = DC ? DC : d;
+  int r0 = 0;
+  for (; r0 + kRowTile <= rows; r0 += kRowTile)
+    qk_token_major<KT, DC, kRowTile, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
+  switch (rows - r0) {
+    case 3: qk_token_major<KT, DC, 3, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    case 2: qk_token_major<KT, DC, 2, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    case 1: qk_token_major<KT, DC, 1, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    default: break;
+  }
+}
+
+template <class KT, int DC, int NV>
+static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_dim,
+                                     float* s) {
+  const int dn = DC ? DC : d;
+  int r0 = 0;
+  for (; r0 + kRowTile <= rows; r0 += kRowTile)
+    qk_dim_major<KT, DC, kRowTile, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
+  switch (rows - r0) {
+    case 3: qk_dim_major<KT, DC, 3, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 2: qk_dim_major<KT, DC, 2, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 1: qk_dim_major<KT, DC, 1, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    default: break;
+  }
+}
+
+// S[rows][0..n) = Q K^T for one chunk.
+template <class KT, int DC>
+static void chunk_scores(const float* q, int rows, int d, const Chunk<KT>& c, float* s) {
+  const int n = c.n;
+  if (c.k_dim == 1) {
+    int t = 0;
+    for (; t + 2 <= n; t += 2) qk_token_major_rows<KT, DC, 2>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+    if (t < n) qk_token_major_rows<KT, DC, 1>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+  } else if (c.k_tok == 1) {
+    int t = 0;
+    for (; t + 2 * W <= n; t += 2 * W) qk_dim_major_rows<KT, DC, 2>(q, rows, d, c.k + t, c.k_dim, s + t);
+    for (; t + W <= n; t += W) qk_dim_major_rows<KT, DC, 1>(q, rows, d, c.k + t, c.k_dim, s + t);
+    for (; t < n; ++t)
+      for (int r = 0; r < rows; ++r) {
+        float acc = 0.0f;
+        for (int i = 0; i < d; ++i) acc += q[r * d + i] * to_f32(c.k[i * c.k_dim + t]);
+        s[r * kSStride + t] = acc;
+      }
+  } else {  // any other strides: plain loops
+    for (int t = 0; t < n; ++t)
+      for (int r = 0; r < rows; ++r) {
+        float acc = 0.0f;
+        for (int i = 0; i < d; ++i) acc += q[r * d + i] * to_f32(c.k[t * c.k_tok + i * c.k_dim]);
+        s[r * kSStride + t] = acc;
+      }
+  }
+}
+
+// ---- P.V micro-kernel ----------------------------------------------------------------------
+
+template <class KT, int RT>
+static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv) {
+  vf a[RT][kDvVecs];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
+  for (int t = 0; t < n; ++t) {
+    vf vv[kDvVecs];
+    for (int j = 0; j < kDvVecs; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
+    for (int r = 0; r < RT; ++r) {
+      vf pb = Simd::set1(p[r * kSStride + t]);
+      for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::fma(pb, vv[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < kDvVecs; ++j) Simd::store(acc + r * dv + j * W, a[r][j]);
+}
+
+template <class KT>
+static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv) {
+  for (int d0 = 0; d0 < dv; d0 += 16) {
+    int r0 = 0;
+    for (; r0 + kRowTile <= rows; r0 += kRowTile)
+      pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv);
+    switch (rows - r0) {
+      case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv); break;
+      case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv); break;
+      case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv); break;
+      default: break;
+    }
+  }
+}
+
+// ---- online softmax ------------------------------------------------------------------------
+
+// Row scores s[0..n) (log2 units; s[n..round_up(n, W)) already -inf) -> probabilities, with the
+// running max m, running sum l and the accumulator row rescaled.
+static inline void softmax_row(float* s, int n, float& m, float& l, float* acc, int dv) {
+  const int nv = (n + W - 1) / W * W;
+  vf mx = Simd::set1(kNegInf);
+  for (int i = 0; i < nv; i += W) mx = Simd::max(mx, Simd::load(s + i));
+  const float cm = Simd::hmax(mx);
+  if (cm == kNegInf) {  // nothing visible to this row in this chunk
+    for (int i = 0; i < nv; i += W) Simd::store(s + i, Simd::zero());
+    return;
+  }
+  const float mn = std::max(m, cm);
+  const float corr = m == kNegInf ? 0.0f : std::exp2(m - mn);
+  const vf mnv = Simd::set1(mn);
+  vf sum = Simd::zero();
+  for (int i = 0; i < nv; i += W) {
+    vf e = Simd::exp2(Simd::sub(Simd::load(s + i), mnv));
+    Simd::store(s + i, e);
+    sum = Simd::add(sum, e);
+  }
+  l = l * corr + Simd::hsum(sum);
+  if (corr != 1.0f) {
+    const vf cv = Simd::set1(corr);
+    for (int i = 0; i < dv; i += W) Simd::store(acc + i, Simd::mul(Simd::load(acc + i), cv));
+  }
+  m = mn;
+}
+
+// ---- one work item -----------------------------------------------------------------------
+
+template <class KT, int DC>
+static void attend(const RowJob<KT>& job, Scratch& sc) {
+  const int rows = job.rows, d = job.d, dv = job.dv;
+  std::fill(sc.acc.begin(), sc.acc.begin() + static_cast<size_t>(rows) * dv, 0.0f);
+  std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
+  std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
+  const KVLayout& kv = *job.kv;
+  const int64_t bs = kv.block_size;
+  float* s = sc.s.data();
+  int64_t p = job.p_lo;
+  while (p < job.p_hi) {
+    Chunk<KT> c;
+    c.pos = p;
+    if (p < job.prefix) {
+      const int64_t blk = p / bs, off = p % bs;
+      c.n = static_cast<int>(std::min<int64_t>({bs - off, job.p_hi - p, job.prefix - p, kChunk}));
+      const uint8_t* page = kv.base + static_cast<int64_t>(job.block_ids[blk]) * kv.block_stride_bytes +
+                            kv.page_offset_bytes;
+      const KT* pg = reinterpret_cast<const KT*>(page);
+      c.k = pg + kv.k_off + job.head * kv.k_head + off * kv.k_token;
+      c.v = pg + kv.v_off + job.head * kv.v_head + off * kv.v_token;
+      c.k_tok = kv.k_token;
+      c.k_dim = kv.k_dim;
+      c.v_tok = kv.v_token;
+    } else {
+      const int64_t t = p - job.prefix;
+      c.n = static_cast<int>(std::min<int64_t>(job.p_hi - p, kChunk));
+      c.k = job.new_k + t * job.new_k_tok;
+      c.v = job.new_v + t * job.new_v_tok;
+      c.k_tok = job.new_k_tok;
+      c.k_dim = 1;
+      c.v_tok = job.new_v_tok;
+    }
+    const int n = c.n;
+    const int nv = (n + W - 1) / W * W;
+    chunk_scores<KT, DC>(sc.q.data(), rows, d, c, s);
+    for (int r = 0; r < rows; ++r) {
+      float* sr = s + r * kSStride;
+      for (int t = n; t < nv; ++t) sr[t] = kNegInf;
+      const int64_t lo = sc.lo[r], hi = sc.hi[r];
+      if (p < lo || p + n > hi) {
+        for (int t = 0; t < n; ++t)
+          if (p + t < lo || p + t >= hi) sr[t] = kNegInf;
+      }
+      softmax_row(sr, n, sc.m[r], sc.l[r], sc.acc.data() + static_cast<size_t>(r) * dv, dv);
+    }
+    chunk_pv<KT>(s, rows, c, sc.acc.data(), dv);
+    p += n;
+  }
+}
+
+// Loads R rows of Q (any dtype and strides) as fp32, pre-scaled into log2 units.
+static inline void load_q_row(const Strided3& q, int64_t row, int64_t head, int d, float scale, float* dst) {
+  const int64_t base = row * q.s0 + head * q.s1;
+  for (int i = 0; i < d; ++i) dst[i] = load_any(q.data, q.dtype, base + i * q.s2) * scale;
+}
+
+static inline void store_out_row(const MutStrided3& o, int64_t row, int64_t head, int dv, const float* acc,
+                                 float l) {
+  const int64_t base = row * o.s0 + head * o.s1;
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int i = 0; i < dv; ++i) store_any(o.data, o.dtype, base + i * o.s2, acc[i] * inv);
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+template <class KT, int DC>
+static void decode_items(const DecodeParams& p, int64_t begin, int64_t end) {
+  const KVLayout& kv = p.kv;
+  const int hkv = kv.num_kv_heads, g = p.num_q_heads / hkv, d = kv.head_size, dv = kv.head_size_v;
+  const int splits = p.num_splits;
+  const int64_t bs = kv.block_size;
+  Scratch& sc = scratch();
+  sc.ensure(g, d, dv);
+  const float qscale = p.scale * kLog2e;
+  for (int64_t item = begin; item < end; ++item) {
+    const int split = static_cast<int>(item % splits);
+    const int h = static_cast<int>((item / splits) % hkv);
+    const int64_t b = item / splits / hkv;
+    const int64_t ctx = p.context_lens[b];
+    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+    const int64_t first = lo / bs, nblk = (ctx + bs - 1) / bs - first;
+    const int64_t sb = first + nblk * split / splits, se = first + nblk * (split + 1) / splits;
+    RowJob<KT> job;
+    job.rows = g;
+    job.d = d;
+    job.dv = dv;
+    job.kv = &kv;
+    job.head = h;
+    job.block_ids = p.block_table + b * p.bt_stride;
+    job.prefix = ctx;
+    job.new_k = job.new_v = nullptr;
+    job.new_k_tok = job.new_v_tok = 0;
+    job.p_lo = std::max(lo, sb * bs);
+    job.p_hi = std::min(ctx, se * bs);
+    for (int r = 0; r < g; ++r) {
+      sc.lo[r] = lo;
+      sc.hi[r] = ctx;
+      load_q_row(p.query, b, static_cast<int64_t>(h) * g + r, d, qscale, sc.q.data() + static_cast<size_t>(r) * d);
+    }
+    attend<KT, DC>(job, sc);
+    if (splits == 1) {
+      for (int r = 0; r < g; ++r)
+        store_out_row(p.out, b, static_cast<int64_t>(h) * g + r, dv, sc.acc.data() + static_cast<size_t>(r) * dv,
+                      sc.l[r]);
+    } else {
+      float* ws = p.workspace + static_cast<size_t>(item) * g * (dv + 2);
+      for (int r = 0; r < g; ++r) {
+        float* w = ws + static_cast<size_t>(r) * (dv + 2);
+        std::copy(sc.acc.data() + static_cast<size_t>(r) * dv, sc.acc.data() + static_cast<size_t>(r + 1) * dv, w);
+        w[dv] = sc.m[r];
+        w[dv + 1] = sc.l[r];
+      }
+    }
+  }
+}
+
+static void decode_reduce(const DecodeParams& p, int64_t begin, int64_t end) {
+  const int hkv = p.kv.num_kv_heads, g = p.num_q_heads / hkv, dv = p.kv.head_size_v;
+  const int splits = p.num_splits;
+  std::vector<float> acc(dv);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / hkv;
+    const int h = static_cast<int>(bh % hkv);
+    for (int r = 0; r < g; ++r) {
+      float mx = kNegInf;
+      for (int s = 0; s < splits; ++s) {
+        const float* w = p.workspace + ((static_cast<size_t>(bh) * splits + s) * g + r) * (dv + 2);
+        mx = std::max(mx, w[dv]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float l = 0.0f;
+      if (mx != kNegInf) {
+        for (int s = 0; s < splits; ++s) {
+          const float* w = p.workspace + ((static_cast<size_t>(bh) * splits + s) * g + r) * (dv + 2);
+          if (w[dv] == kNegInf) continue;
+          const float f = std::exp2(w[dv] - mx);
+          l += w[dv + 1] * f;
+          const vf fv = Simd::set1(f);
+          for (int i = 0; i < dv; i += W)
+            Simd::store(acc.data() + i, Simd::fma(fv, Simd::load(w + i), Simd::load(acc.data() + i)));
+        }
+      }
+      store_out_row(p.out, b, static_cast<int64_t>(h) * g + r, dv, acc.data(), l);
+    }
+  }
+}
+
+// ---- prefill ---------------------------------------------------------------------------------
+
+template <class KT, int DC>
+static void prefill_items(const PrefillParams& p, int64_t begin, int64_t end) {
+  const KVLayout& kv = p.kv;
+  const int hkv = kv.num_kv_heads, g = p.num_q_heads / hkv, d = kv.head_size, dv = kv.head_size_v;
+  Scratch& sc = scratch();
+  sc.ensure(p.tokens_per_item * g, d, dv);
+  const float qscale = p.scale * kLog2e;
+  for (int64_t item = begin; item < end; ++item) {
+    const int h = static_cast<int>(item % hkv);
+    const int64_t i = item / hkv;
+    const int64_t b = p.item_seq[i], tok0 = p.item_tok[i];
+    const int64_t row0 = p.query_start_loc[b];
+    const int64_t n_new = p.query_start_loc[b + 1] - row0;
+    const int m = static_cast<int>(std::min<int64_t>(p.tokens_per_item, n_new - tok0));
+    if (m <= 0) continue;
+    const int64_t prefix = p.prefix_lens[b];
+    RowJob<KT> job;
+    job.rows = m * g;
+    job.d = d;
+    job.dv = dv;
+    job.kv = &kv;
+    job.head = h;
+    job.block_ids = p.block_table + b * p.bt_stride;
+    job.prefix = prefix;
+    job.new_k = static_cast<const KT*>(p.key.data) + row0 * p.key.s0 + h * p.key.s1;
+    job.new_v = static_cast<const KT*>(p.value.data) + row0 * p.value.s0 + h * p.value.s1;
+    job.new_k_tok = p.key.s0;
+    job.new_v_tok = p.value.s0;
+    int64_t p_lo = std::numeric_limits<int64_t>::max(), p_hi = 0;
+    for (int t = 0; t < m; ++t) {
+      const int64_t hi = prefix + tok0 + t + 1;
+      const int64_t lo = p.window > 0 ? std::max<int64_t>(0, hi - p.window) : 0;
+      p_lo = std::min(p_lo, lo);
+      p_hi = std::max(p_hi, hi);
+      for (int r = 0; r < g; ++r) {
+        const int row = t * g + r;
+        sc.lo[row] = lo;
+        sc.hi[row] = hi;
+        load_q_row(p.query, row0 + tok0 + t, static_cast<int64_t>(h) * g + r, d, qscale,
+                   sc.q.data() + static_cast<size_t>(row) * d);
+      }
+    }
+    job.p_lo = p_lo;
+    job.p_hi = p_hi;
+    attend<KT, DC>(job, sc);
+    for (int t = 0; t < m; ++t)
+      for (int r = 0; r < g; ++r) {
+        const int row = t * g + r;
+        store_out_row(p.out, row0 + tok0 + t, static_cast<int64_t>(h) * g + r, dv,
+                      sc.acc.data() + static_cast<size_t>(row) * dv, sc.l[row]);
+      }
+  }
+}
+
+// ---- dispatch over KV dtype and head size -----------------------------------------------------
+
+template <template <class, int> class F, class... Args>
+static void by_dtype_and_head(DType dt, int d, Args&&... args) {
+  switch (dt) {
+    case DType::kFloat32:
+      if (d == 64) F<float, 64>::run(args...);
+      else if (d == 128) F<float, 128>::run(args...);
+      else if (d == 256) F<float, 256>::run(args...);
+      else F<float, 0>::run(args...);
+      break;
+    case DType::kBFloat16:
+      if (d == 64) F<bf16_t, 64>::run(args...);
+      else if (d == 128) F<bf16_t, 128>::run(args...);
+      else if (d == 256) F<bf16_t, 256>::run(args...);
+      else F<bf16_t, 0>::run(args...);
+      break;
+    default:
+      if (d == 64) F<fp16_t, 64>::run(args...);
+      else if (d == 128) F<fp16_t, 128>::run(args...);
+      else if (d == 256) F<fp16_t, 256>::run(args...);
+      else F<fp16_t, 0>::run(args...);
+      break;
+  }
+}
+
+template <class KT, int DC>
+struct DecodeF {
+  static void run(const DecodeParams& p, int64_t b, int64_t e) { decode_items<KT, DC>(p, b, e); }
+};
+template <class KT, int DC>
+struct PrefillF {
+  static void run(const PrefillParams& p, int64_t b, int64_t e) { prefill_items<KT, DC>(p, b, e); }
+};
+
+static void decode_entry(const DecodeParams& p, int64_t begin, int64_t end) {
+  by_dtype_and_head<DecodeF>(p.kv_dtype, p.kv.head_size, p, begin, end);
+}
+
+static void prefill_entry(const PrefillParams& p, int64_t begin, int64_t end) {
+  by_dtype_and_head<PrefillF>(p.kv_dtype, p.kv.head_size, p, begin, end);
+}
+
+static double read_sum(const float* data, int64_t n) {
+  vf a[8];
+  for (auto& x : a) x = Simd::zero();
+  int64_t i = 0;
+  for (; i + 8 * W <= n; i += 8 * W)
+    for (int j = 0; j < 8; ++j) a[j] = Simd::add(a[j], Simd::load(data + i + j * W));
+  double total = 0.0;
+  for (auto& x : a) total += Simd::hsum(x);
+  for (; i < n; ++i) total += data[i];
+  return total;
+}
+
+static const KernelTable kTable = {KVO_ISA_NAME, &decode_entry, &decode_reduce, &prefill_entry, &read_sum};
+
+}  // namespace KVO_ISA
+}  // namespace cpu_attn
+}  // namespace kv_offload

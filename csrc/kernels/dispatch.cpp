@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+// Run-time choice of the kernel path. Built with baseline flags (no ISA extensions): it only
+// asks the CPU what it supports and returns the function table of a path that setup.py
+// compiled in (KVO_HAVE_<ISA> is defined for each one it built).
+#include <cstring>
+
+#include "kernels/cpu_attn.h"
+
+namespace kv_offload {
+namespace cpu_attn {
+
+#ifdef KVO_HAVE_AVX512
+const KernelTable* kernel_table_avx512();
+#endif
+#ifdef KVO_HAVE_AVX2
+const KernelTable* kernel_table_avx2();
+#endif
+#ifdef KVO_HAVE_NEON
+const KernelTable* kernel_table_neon();
+#endif
+const KernelTable* kernel_table_scalar();
+
+namespace {
+
+struct Path {
+  const char* name;
+  bool compiled;
+  bool (*supported)();
+  const KernelTable* (*table)();
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma");
+}
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  // F16C has no __builtin_cpu_supports name on older compilers; every AVX2 CPU has it.
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+bool cpu_has_avx512() { return false; }
+bool cpu_has_avx2() { return false; }
+#endif
+#if defined(__aarch64__)
+bool cpu_has_neon() { return true; }
+#else
+bool cpu_has_neon() { return false; }
+#endif
+bool always() { return true; }
+
+const KernelTable* none() { return nullptr; }
+
+const Path kPaths[] = {
+#ifdef KVO_HAVE_AVX512
+    {"avx512", true, &cpu_has_avx512, &kernel_table_avx512},
+#else
+    {"avx512", false, &cpu_has_avx512, &none},
+#endif
+#ifdef KVO_HAVE_AVX2
+    {"avx2", true, &cpu_has_avx2, &kernel_table_avx2},
+#else
+    {"avx2", false, &cpu_has_avx2, &none},
+#endif
+#ifdef KVO_HAVE_NEON
+    {"neon", true, &cpu_has_neon, &kernel_table_neon},
+#else
+    {"neon", false, &cpu_has_neon, &none},
+#endif
+    {"scalar", true, &always, &kernel_table_scalar},
+};
+
+}  // namespace
+
+int available_isas(const char** names, int max_names) {
+  int n = 0;
+  for (const Path& p : kPaths)
+    if (p.compiled && p.supported() && n < max_names) names[n++] = p.name;
+  return n;
+}
+
+const KernelTable* select_kernels(const char* isa, const char** error) {
+  const bool automatic = isa == nullptr || *isa == '\0' || std::strcmp(isa, "auto") == 0;
+  for (const Path& p : kPaths) {
+    if (automatic) {
+      if (p.compiled && p.supported()) return p.table();
+      continue;
+    }
+    if (std::strcmp(isa, p.name) != 0) continue;
+    if (!p.compiled) {
+      *error = "this ISA path was not compiled into kv_offload._C (compiler or architecture lacks it)";
+      return nullptr;
+    }
+    if (!p.supported()) {
+      *error = "this CPU does not support the requested ISA path";
+      return nullptr;
+    }
+    return p.table();
+  }
+  *error = "unknown ISA path; expected one of auto, avx512, avx2, neon, scalar";
+  return nullptr;
+}
+
+}  // namespace cpu_attn
+}  // namespace kv_offload

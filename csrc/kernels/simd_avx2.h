@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: Apache-2.0
+// 8 x fp32 vectors on AVX2 + FMA + F16C (compile this header only in a TU built with
+// -mavx2 -mfma -mf16c).
+#pragma once
+
+#include <immintrin.h>
+
+#include "kernels/cpu_attn.h"
+
+namespace kv_offload {
+namespace cpu_attn {
+namespace avx2 {
+
+struct Simd {
+  using vf = __m256;
+  static constexpr int W = 8;
+  static inline vf zero() { return _mm256_setzero_ps(); }
+  static inline vf set1(float x) { return _mm256_set1_ps(x); }
+  static inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+  static inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+  static inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+  static inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+  static inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+  static inline float hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float hmax(vf v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // out[i] = hsum(v[i]) for i < 8.
+  static inline void hsum8(const vf* v, float* out) {
+    __m256 a = _mm256_hadd_ps(v[0], v[1]);
+    __m256 b = _mm256_hadd_ps(v[2], v[3]);
+    __m256 c = _mm256_hadd_ps(v[4], v[5]);
+    __m256 d = _mm256_hadd_ps(v[6], v[7]);
+    __m256 ab = _mm256_hadd_ps(a, b);  // [0 1 2 3 | 0 1 2 3] halves
+    __m256 cd = _mm256_hadd_ps(c, d);
+    __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20);
+    __m256 hi = _mm256_permute2f128_ps(ab, cd, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+  }
+  // 2^x; exactly 0 below -125 (so exp2(-inf) = 0).
+  static inline vf exp2(vf x) {
+    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-125.0f), _CMP_GE_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-125.0f)), _mm256_set1_ps(127.0f));
+    __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 y = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+  }
+  static inline vf load_cvt(const float* p) { return _mm256_loadu_ps(p); }
+  static inline vf load_cvt(const bf16_t* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static inline vf load_cvt(const fp16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+}  // namespace avx2
+}  // namespace cpu_attn
+}  // namespace kv_offload

@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: Apache-2.0
+// 16 x fp32 vectors on AVX-512F (compile only in a TU built with -mavx512f -mavx512bw
+// -mavx512vl -mavx512dq -mfma -mf16c).
+#pragma once
+
+#include <immintrin.h>
+
+#include "kernels/cpu_attn.h"
+
+namespace kv_offload {
+namespace cpu_attn {
+namespace avx512 {
+
+struct Simd {
+  using vf = __m512;
+  static constexpr int W = 16;
+  static inline vf zero() { return _mm512_setzero_ps(); }
+  static inline vf set1(float x) { return _mm512_set1_ps(x); }
+  static inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+  static inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+  static inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+  static inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+  static inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+  static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+  static inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
+  static inline void hsum8(const vf* v, float* out) {
+    for (int i = 0; i < 8; ++i) out[i] = _mm512_reduce_add_ps(v[i]);
+  }
+  static inline vf exp2(vf x) {
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-125.0f)), _mm512_set1_ps(127.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(keep, p, n);
+  }
+  static inline vf load_cvt(const float* p) { return _mm512_loadu_ps(p); }
+  static inline vf load_cvt(const bf16_t* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static inline vf load_cvt(const fp16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+}  // namespace avx512
+}  // namespace cpu_attn
+}  // namespace kv_offload

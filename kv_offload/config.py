@@ -111,6 +111,13 @@ class OffloadConfig:
     offload_prompt_only: bool = True
     #: Smallest prefix hit, in tokens, worth loading (shorter hits are recomputed).
     min_load_tokens: int = 0
+    #: On a failed load, recompute the affected tokens instead of failing the request
+    #: (sets vLLM's ``kv_load_failure_policy`` to "recompute"; false keeps vLLM's setting).
+    recompute_on_load_failure: bool = True
+    #: Test only: make every N-th load job fail (its blocks are scribbled over); 0: never.
+    fail_load_every: int = 0
+    #: Test only: make every N-th store job fail (nothing is written); 0: never.
+    fail_store_every: int = 0
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> OffloadConfig:
@@ -141,12 +148,12 @@ class OffloadConfig:
             except ValueError as exc:
                 raise ConfigError("shm_name", str(exc)) from None
         for key, low in (("store_threshold", 0), ("max_tracker_size", 1), ("transfer_threads", 1),
-                         ("min_load_tokens", 0)):  # fmt: skip
+                         ("min_load_tokens", 0), ("fail_load_every", 0), ("fail_store_every", 0)):  # fmt: skip
             if key in raw:
                 values[key] = _int_at_least(key, raw[key], low)
         if "numa_node" in raw:
             values["numa_node"] = _optional("numa_node", raw["numa_node"], lambda k, v: _int_at_least(k, v, 0))
-        for key in ("pin_memory", "offload_prompt_only"):
+        for key in ("pin_memory", "offload_prompt_only", "recompute_on_load_failure"):
             if key in raw:
                 _check_type(key, raw[key], (bool,), "true or false")
         if "backend_options" in raw:

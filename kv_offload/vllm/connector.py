@@ -1,0 +1,251 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``KVOffloadConnector``: vLLM's KV-connector interface over kv-offload's two halves.
+
+vLLM builds one instance per role: in the scheduler (role SCHEDULER) it wraps a
+:class:`~kv_offload.vllm.scheduler.SchedulerHalf`, in each worker (role WORKER) a
+:class:`~kv_offload.vllm.worker.WorkerHalf`. The halves talk only through the plain
+dataclasses of :mod:`kv_offload.vllm.metadata`, wrapped here in vLLM's marker classes.
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVOffloadConnector",
+      "kv_connector_module_path": "kv_offload.vllm", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"cpu_bytes": "4GiB"}}'
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kv_offload.backends import BACKENDS, StorageBackend
+from kv_offload.config import ConfigError, OffloadConfig
+from kv_offload.geometry import KVGeometry
+from kv_offload.manager import OffloadManager
+from kv_offload.policies import POLICIES
+from kv_offload.registry import RegistryError
+from kv_offload.vllm import compat
+from kv_offload.vllm.compat import (
+    HOST_HIT_SOURCE,
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorStats,
+    KVConnectorWorkerMetadata,
+    SupportsHMA,
+)
+from kv_offload.vllm.metadata import StepPlan, TransferReport
+from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
+from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
+from kv_offload.vllm.worker import WorkerHalf, backend_spec
+
+__all__ = ["KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVOffloadMetadata(StepPlan, KVConnectorMetadata):
+    """A :class:`StepPlan` as vLLM ships it to the workers."""
+
+
+@dataclass
+class KVOffloadWorkerMetadata(TransferReport, KVConnectorWorkerMetadata):
+    """A :class:`TransferReport` as vLLM hands it back to the scheduler."""
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, TransferReport)
+        return KVOffloadWorkerMetadata(self.outcomes + other.outcomes)
+
+
+def build_manager(config: OffloadConfig, geometry: KVGeometry, world_size: int) -> OffloadManager:
+    """The scheduler's manager, sized by the backend; bad names and sizes raise ``ConfigError``."""
+    try:
+        backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
+    except RegistryError as exc:
+        raise ConfigError("backend", str(exc)) from None
+    try:
+        backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, 0))
+        num_slots = backend.num_slots()
+    except ValueError as exc:
+        key = "backend_options" if "backend_options" in str(exc) else "cpu_bytes"
+        raise ConfigError(key, str(exc)) from None
+    if num_slots <= 0:
+        raise ConfigError("cpu_bytes", f"{config.cpu_bytes} bytes hold no KV block of {geometry.slot_bytes} bytes")
+    try:
+        policy_cls = POLICIES.resolve(config.eviction_policy, config.eviction_policy_module_path)
+    except RegistryError as exc:
+        raise ConfigError("eviction_policy", str(exc)) from None
+    return OffloadManager(
+        num_slots,
+        policy_cls(num_slots),
+        block_bytes=geometry.block_bytes * world_size,
+        store_threshold=config.store_threshold,
+        max_tracker_size=config.max_tracker_size,
+    )
+
+
+class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
+    """Offloads KV blocks into a host pool and loads them back on prefix hits."""
+
+    _cache_hit_source = HOST_HIT_SOURCE
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        self.config = OffloadConfig.from_dict(extra)
+        self.geometry = compat.kv_geometry(kv_cache_config, compat.page_format())
+        self.world_size = compat.world_size(vllm_config)
+        self.scheduler_half: SchedulerHalf | None = None
+        self.worker_half: WorkerHalf | None = None
+        self._requests: dict[str, Any] = {}
+        if role == KVConnectorRole.SCHEDULER:
+            manager = build_manager(self.config, self.geometry, self.world_size)
+            block_size = self.geometry.block_size
+            self.scheduler_half = SchedulerHalf(
+                self.config, manager, block_size=block_size, world_size=self.world_size,
+                hash_block_size=compat.hash_block_size(kv_cache_config, block_size),
+            )  # fmt: skip
+            if self.config.recompute_on_load_failure and compat.use_recompute_policy(vllm_config):
+                logger.info("kv_offload: kv_load_failure_policy set to 'recompute' (a failed load recomputes)")
+            logger.info(
+                "kv_offload: scheduler side ready: %d pool blocks of %d tokens (%d bytes per worker), vLLM %s",
+                manager.num_slots, block_size, self.geometry.block_bytes, compat.vllm_version(),
+            )  # fmt: skip
+        else:
+            self.worker_half = WorkerHalf(
+                self.config, self.geometry, world_size=self.world_size, rank=compat.worker_rank()
+            )
+
+    # -- vLLM properties and class hooks -------------------------------------------------
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a dropped store is only a future miss."""
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        # Parse early so a bad config fails before the model loads.
+        OffloadConfig.from_dict(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVOffloadStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVOffloadPromMetrics:
+        return KVOffloadPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # -- scheduler side ------------------------------------------------------------------
+    def _sched(self) -> SchedulerHalf:
+        assert self.scheduler_half is not None, "scheduler hook called on a worker connector"
+        return self.scheduler_half
+
+    def on_new_request(self, request: Any) -> None:
+        self._requests[request.request_id] = request
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._requests[request.request_id] = request
+        return self._sched().match(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._requests[request.request_id] = request
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self._sched().on_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVOffloadMetadata:
+        sched = self._sched()
+        scheduled = [
+            ScheduledRequest(request, computed, new, block_ids)
+            for request, computed, new, block_ids in compat.scheduled_requests(
+                scheduler_output, self._requests, self._kv_cache_manager
+            )
+        ]
+        plan = sched.build_plan(scheduled, compat.zeroed_blocks(scheduler_output))
+        return KVOffloadMetadata(flush=plan.flush, loads=plan.loads, stores=plan.stores)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(report, TransferReport) and report.outcomes:
+            self._sched().on_report(report)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Never delays the free: pending stores are fenced (see scheduler.py).
+        self._requests.pop(request.request_id, None)
+        self._sched().on_finished(request)
+        return False, None
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids[0] if block_ids else [])
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.scheduler_half is None:
+            return None  # the scheduler half reports for every worker
+        counters = self.scheduler_half.take_counters()
+        if not counters.any():
+            return None
+        data = counters.as_dict()
+        data.pop("flushes", None)
+        data["pool_used_blocks"] = self.scheduler_half.manager.num_used
+        data["pool_capacity_blocks"] = self.scheduler_half.manager.num_slots
+        return KVOffloadStats(data=data)
+
+    def reset_cache(self) -> bool | None:
+        if self.scheduler_half is not None:
+            self.scheduler_half.reset()
+        return True
+
+    # -- worker side ---------------------------------------------------------------------
+    def _work(self) -> WorkerHalf:
+        assert self.worker_half is not None, "worker hook called on the scheduler connector"
+        return self.worker_half
+
+    def _plan(self) -> StepPlan:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, StepPlan)
+        return meta
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._work().register(compat.ordered_layers(self._kv_cache_config, kv_caches))
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        if isinstance(kv_connector_metadata, StepPlan) and self.worker_half is not None:
+            self.worker_half.flush(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._work().start_loads(self._plan())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are whole-block and asynchronous; nothing waits per layer
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # stores are planned per block by the scheduler and submitted in wait_for_save
+
+    def wait_for_save(self) -> None:
+        self._work().submit_stores(self._plan())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        worker = self._work()
+        worker.poll()
+        return None, worker.take_finished_recving() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._work().take_invalid_blocks()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        report = self._work().take_report()
+        return None if report is None else KVOffloadWorkerMetadata(report.outcomes)
+
+    def shutdown(self) -> None:
+        if self.worker_half is not None:
+            self.worker_half.shutdown()

@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plain, picklable messages between the connector's two halves.
+
+Scheduler -> worker, once per engine step (:class:`StepPlan`, shipped inside vLLM's
+``SchedulerOutput``): which block copies to start and which earlier stores to wait for
+before the step's forward pass. Worker -> scheduler (:class:`TransferReport`, inside vLLM's
+``KVConnectorOutput``): which jobs finished, how, and how many bytes they moved.
+
+No vLLM import here: vLLM's marker base classes are mixed in by :mod:`kv_offload.vllm.connector`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["JobSpec", "StepPlan", "JobOutcome", "TransferReport"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Copy ``device_blocks[i]`` <-> pool slot ``slots[i]`` (every layer).
+
+    ``req_id`` is set for loads: the request waiting for them (reported back to vLLM as
+    finished receiving once the job is done, successfully or not).
+    """
+
+    job_id: int
+    device_blocks: tuple[int, ...]
+    slots: tuple[int, ...]
+    req_id: str | None = None
+
+
+@dataclass
+class StepPlan:
+    """What the worker does this step.
+
+    * ``flush``: store jobs (submitted in earlier steps) that must finish before this
+      step's forward pass, because a block they read is about to be written again.
+    * ``loads``: pool -> KV cache; started after the forward pass is launched (vLLM calls
+      ``start_load_kv`` then), their requests wait in ``WAITING_FOR_REMOTE_KVS``.
+    * ``stores``: KV cache -> pool for blocks this step's forward pass fills; submitted
+      from ``wait_for_save``, after the forward pass, without waiting for them.
+    """
+
+    flush: tuple[int, ...] = ()
+    loads: tuple[JobSpec, ...] = ()
+    stores: tuple[JobSpec, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not (self.flush or self.loads or self.stores)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: int
+    success: bool
+    nbytes: int
+    seconds: float
+    is_load: bool
+
+
+@dataclass
+class TransferReport:
+    """Jobs finished on the workers since the last report.
+
+    With several workers (tensor parallelism) vLLM folds their reports with
+    :meth:`merge`; the scheduler counts a job done once every worker reported it.
+    """
+
+    outcomes: list[JobOutcome] = field(default_factory=list)
+
+    def merge(self, other: TransferReport) -> TransferReport:
+        return TransferReport(self.outcomes + other.outcomes)

@@ -1,0 +1,341 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The connector's scheduler half: which blocks to load and store, and when it is safe.
+
+Runs in vLLM's scheduler (engine-core) process and touches no tensor: it asks the
+:class:`~kv_offload.manager.OffloadManager` what the pool holds, plans block copies as
+:class:`~kv_offload.vllm.metadata.JobSpec` s, and settles them when the workers report back.
+It knows nothing of vLLM's classes either; the facade hands it requests (anything with the
+attributes of :class:`RequestView`) and plain block-id lists, so it is unit-tested alone.
+
+Ordering rules it enforces (see docs/architecture.md):
+
+1. A load only targets blocks the scheduler just allocated to a request that waits for it;
+   vLLM keeps those blocks until the request is reported as finished receiving.
+2. A store reads blocks whose tokens are computed by the end of the step it is planned in;
+   the worker submits it after that step's forward pass.
+3. Fence: a device block read by a store that has not been reported done is never written
+   again before the store finished. Each step, the blocks the step will write (scheduled
+   tokens, fresh blocks vLLM zeroes, load destinations) are checked against pending stores;
+   hits go into ``StepPlan.flush`` and the worker waits for them before the forward pass.
+   This covers finished, aborted and preempted requests alike, with no delayed frees.
+4. Pool slots: a load protects its blocks from eviction until the job is settled; a store's
+   slots are reserved (not readable) until it is settled; failures free them.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kv_offload.config import OffloadConfig
+from kv_offload.manager import OffloadManager
+from kv_offload.vllm.metadata import JobSpec, StepPlan, TransferReport
+
+__all__ = ["RequestView", "ScheduledRequest", "SchedulerHalf", "OffloadCounters"]
+
+
+class RequestView(Protocol):
+    """The parts of a vLLM ``Request`` the scheduler half reads."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def block_hashes(self) -> Sequence[bytes]: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def num_computed_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request scheduled this step: ``num_new_tokens`` computed from ``num_computed_tokens``."""
+
+    request: RequestView
+    num_computed_tokens: int
+    num_new_tokens: int
+    block_ids: Sequence[int]
+
+
+class _Kind(enum.Enum):
+    LOAD = "load"
+    STORE = "store"
+
+
+@dataclass
+class _Job:
+    kind: _Kind
+    keys: tuple[bytes, ...]
+    device_blocks: tuple[int, ...]
+    reports: int = 0
+    success: bool = True
+
+
+@dataclass
+class _ReqState:
+    request: RequestView
+    #: leading blocks already offered to the pool (stored, skipped or in flight)
+    offered: int = 0
+
+
+@dataclass
+class OffloadCounters:
+    """Deltas since the last :meth:`SchedulerHalf.take_counters` (blocks unless named)."""
+
+    hit_tokens: int = 0
+    loaded_blocks: int = 0
+    stored_blocks: int = 0
+    loaded_bytes: int = 0
+    stored_bytes: int = 0
+    load_seconds: float = 0.0
+    store_seconds: float = 0.0
+    load_jobs: int = 0
+    store_jobs: int = 0
+    failed_loads: int = 0
+    failed_stores: int = 0
+    stores_skipped: int = 0
+    evicted_blocks: int = 0
+    flushes: int = 0
+    #: per finished job: (direction, bytes, seconds), for throughput histograms
+    transfers: list[tuple[str, int, float]] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return any(v for k, v in self.__dict__.items())
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class SchedulerHalf:
+    """Plans loads and stores for one engine.
+
+    Args:
+        config: the validated connector configuration.
+        manager: bookkeeping of the pool (``num_slots`` from the backend).
+        block_size: tokens per KV block.
+        hash_block_size: tokens per entry of ``request.block_hashes`` (divides ``block_size``).
+        world_size: workers that each report every job (tensor/pipeline parallel ranks).
+    """
+
+    def __init__(
+        self,
+        config: OffloadConfig,
+        manager: OffloadManager,
+        *,
+        block_size: int,
+        hash_block_size: int | None = None,
+        world_size: int = 1,
+    ) -> None:
+        hash_block_size = hash_block_size or block_size
+        if block_size % hash_block_size:
+            raise ValueError(f"block_size {block_size} is not a multiple of hash_block_size {hash_block_size}")
+        self.config = config
+        self.manager = manager
+        self.block_size = block_size
+        self._hash_ratio = block_size // hash_block_size
+        self.world_size = world_size
+        self._reqs: dict[str, _ReqState] = {}
+        self._matches: dict[str, tuple[int, int]] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._job_ids = itertools.count(1)
+        #: device block -> store jobs still reading it
+        self._reading: defaultdict[int, set[int]] = defaultdict(set)
+        self._step_loads: list[JobSpec] = []
+        self._counters = OffloadCounters()
+        self._evictions_seen = manager.stats.evictions
+
+    # -- keys ----------------------------------------------------------------------------
+    def block_keys(self, request: RequestView) -> list[bytes]:
+        """Pool keys of the request's full blocks: the prefix-chain hash ending each block."""
+        hashes = request.block_hashes
+        r = self._hash_ratio
+        if r == 1:
+            return [bytes(h) for h in hashes]
+        return [bytes(hashes[i]) for i in range(r - 1, len(hashes), r)]
+
+    # -- admission (vLLM: get_num_new_matched_tokens / update_state_after_alloc) -----------
+    def match(self, request: RequestView, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` (block aligned) the pool can supply.
+
+        At least one token is always left to compute. Returns ``(tokens, load_async)``.
+        """
+        self._matches.pop(request.request_id, None)
+        bs = self.block_size
+        start = num_computed_tokens // bs
+        limit = min((request.num_tokens - 1) // bs, len(request.block_hashes) // self._hash_ratio)
+        if start >= limit:
+            return 0, False
+        hits = self.manager.lookup(self.block_keys(request)[start:limit])
+        if hits == 0 or hits * bs < self.config.min_load_tokens:
+            return 0, False
+        self._matches[request.request_id] = (start, hits)
+        return hits * bs, True
+
+    def on_alloc(self, request: RequestView, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        """Blocks were allocated for ``request``; plan the load of its pool hit, if any."""
+        req_id = request.request_id
+        state = self._reqs.get(req_id)
+        if state is None:
+            state = self._reqs[req_id] = _ReqState(request)
+        match = self._matches.pop(req_id, None)
+        if num_external_tokens <= 0:
+            return
+        # (Re)admission: blocks may be new (after a preemption); offer every block again.
+        state.offered = 0
+        if match is None or num_external_tokens % self.block_size:
+            raise RuntimeError(
+                f"kv_offload: request {req_id} was given {num_external_tokens} external tokens"
+                " that the pool did not offer"
+            )
+        start, hits = match
+        n = num_external_tokens // self.block_size
+        if n > hits:
+            raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits} hit")
+        keys = tuple(self.block_keys(request)[start : start + n])
+        device_blocks = tuple(int(b) for b in block_ids[start : start + n])
+        slots = self.manager.prepare_load(keys)
+        job_id = next(self._job_ids)
+        self._jobs[job_id] = _Job(_Kind.LOAD, keys, device_blocks)
+        self._step_loads.append(JobSpec(job_id, device_blocks, tuple(slots), req_id))
+        self._counters.hit_tokens += num_external_tokens
+
+    def on_finished(self, request: RequestView) -> None:
+        """``request`` finished or was aborted. Its jobs stay tracked until they settle."""
+        self._reqs.pop(request.request_id, None)
+        self._matches.pop(request.request_id, None)
+
+    # -- per step (vLLM: build_connector_meta) ---------------------------------------------
+    def build_plan(
+        self, scheduled: Iterable[ScheduledRequest], zeroed_blocks: Iterable[int] = ()
+    ) -> StepPlan:
+        """The step's plan: fences first, then this step's loads and stores."""
+        scheduled = list(scheduled)
+        bs = self.block_size
+        loads, self._step_loads = self._step_loads, []
+        written: set[int] = {int(b) for b in zeroed_blocks}
+        for job in loads:
+            written.update(job.device_blocks)
+        for s in scheduled:
+            if s.num_new_tokens <= 0:
+                continue
+            first = s.num_computed_tokens // bs
+            last = (s.num_computed_tokens + s.num_new_tokens - 1) // bs
+            written.update(int(b) for b in s.block_ids[first : last + 1])
+        flush: set[int] = set()
+        for block in written & self._reading.keys():
+            flush |= self._reading[block]
+        self._counters.flushes += len(flush)
+        stores = [store for s in scheduled if (store := self._plan_store(s)) is not None]
+        self._note_evictions()
+        return StepPlan(flush=tuple(sorted(flush)), loads=tuple(loads), stores=tuple(stores))
+
+    def _plan_store(self, s: ScheduledRequest) -> JobSpec | None:
+        req_id = s.request.request_id
+        state = self._reqs.get(req_id)
+        if state is None:
+            state = self._reqs[req_id] = _ReqState(s.request)
+        bs = self.block_size
+        full = (s.num_computed_tokens + s.num_new_tokens) // bs
+        if self.config.offload_prompt_only:
+            full = min(full, s.request.num_prompt_tokens // bs)
+        keys = self.block_keys(s.request)
+        full = min(full, len(keys), len(s.block_ids))
+        if full <= state.offered:
+            return None
+        begin, state.offered = state.offered, full
+        offer = keys[begin:full]
+        plan = self.manager.prepare_store(offer)
+        if plan is None:
+            self._counters.stores_skipped += len(offer)
+            return None
+        if not plan.keys:
+            return None
+        where = {key: int(s.block_ids[begin + i]) for i, key in enumerate(offer)}
+        device_blocks = tuple(where[key] for key in plan.keys)
+        job_id = next(self._job_ids)
+        self._jobs[job_id] = _Job(_Kind.STORE, plan.keys, device_blocks)
+        for block in device_blocks:
+            self._reading[block].add(job_id)
+        return JobSpec(job_id, device_blocks, plan.slots)
+
+    # -- results (vLLM: update_connector_output) -------------------------------------------
+    def on_report(self, report: TransferReport) -> None:
+        """Settle jobs once every worker reported them."""
+        for outcome in report.outcomes:
+            job = self._jobs.get(outcome.job_id)
+            if job is None:
+                raise RuntimeError(f"kv_offload: report for unknown job {outcome.job_id}")
+            job.reports += 1
+            job.success = job.success and outcome.success
+            direction = job.kind.value
+            if outcome.success:
+                self._counters.transfers.append((direction, outcome.nbytes, outcome.seconds))
+                if job.kind is _Kind.LOAD:
+                    self._counters.loaded_bytes += outcome.nbytes
+                    self._counters.load_seconds += outcome.seconds
+                else:
+                    self._counters.stored_bytes += outcome.nbytes
+                    self._counters.store_seconds += outcome.seconds
+            if job.reports < self.world_size:
+                continue
+            del self._jobs[outcome.job_id]
+            if job.kind is _Kind.LOAD:
+                self.manager.complete_load(job.keys, job.success)
+                self._counters.load_jobs += 1
+                if job.success:
+                    self._counters.loaded_blocks += len(job.keys)
+                else:
+                    self._counters.failed_loads += 1
+            else:
+                self.manager.complete_store(job.keys, job.success)
+                self._counters.store_jobs += 1
+                if job.success:
+                    self._counters.stored_blocks += len(job.keys)
+                else:
+                    self._counters.failed_stores += 1
+                for block in job.device_blocks:
+                    readers = self._reading.get(block)
+                    if readers is not None:
+                        readers.discard(outcome.job_id)
+                        if not readers:
+                            del self._reading[block]
+
+    # -- maintenance ---------------------------------------------------------------------
+    def reset(self) -> int:
+        """vLLM's prefix-cache reset: drop every idle block of the pool."""
+        dropped = self.manager.clear()
+        self._note_evictions()
+        return dropped
+
+    def _note_evictions(self) -> None:
+        now = self.manager.stats.evictions
+        self._counters.evicted_blocks += now - self._evictions_seen
+        self._evictions_seen = now
+
+    def take_counters(self) -> OffloadCounters:
+        self._note_evictions()
+        counters, self._counters = self._counters, OffloadCounters()
+        return counters
+
+    @property
+    def num_pending_jobs(self) -> int:
+        return len(self._jobs)
+
+    def pending_blocks(self) -> set[int]:
+        """Device blocks read by stores not yet settled."""
+        return set(self._reading)
+
+    def check_settled(self) -> None:
+        """Assert the accounting is back to rest: no job, reservation or fence left over."""
+        assert not self._jobs, f"{len(self._jobs)} jobs not settled"
+        assert not self._reading, f"fences left on blocks {sorted(self._reading)[:8]}"
+        assert not self._step_loads, "loads planned but never shipped"
+        assert self.manager.num_reading == 0, f"{self.manager.num_reading} blocks still protected for loads"
+        assert self.manager.num_writing == 0, f"{self.manager.num_writing} blocks still reserved for stores"
+        self.manager.check_invariants()

@@ -1,0 +1,159 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Connector statistics: vLLM's ``KVConnectorStats`` and the Prometheus metrics.
+
+The scheduler half produces a :class:`KVOffloadStats` per engine step (counters are deltas,
+gauges the latest value); vLLM ships its ``data`` dict to the front-end process, rebuilds it
+with ``KVOffloadConnector.build_kv_connector_stats``, logs :meth:`KVOffloadStats.reduce`
+and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on ``/metrics``):
+
+==========================================  =====================================================
+``kv_offload:hit_tokens_total``             prompt tokens served from the pool
+``kv_offload:loaded_bytes_total``           bytes copied pool -> KV cache
+``kv_offload:stored_bytes_total``           bytes copied KV cache -> pool
+``kv_offload:loaded_blocks_total``          blocks loaded
+``kv_offload:stored_blocks_total``          blocks stored
+``kv_offload:transfer_seconds_total``       copy time, label ``direction`` (load / store)
+``kv_offload:failed_transfers_total``       failed jobs, label ``direction``
+``kv_offload:evicted_blocks_total``         blocks evicted from the pool
+``kv_offload:stores_skipped_total``         blocks not stored: no room (everything in use)
+``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``
+``kv_offload:pool_used_blocks``             gauge: blocks held
+``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
+``kv_offload:pool_usage_ratio``             gauge: used / capacity
+==========================================  =====================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kv_offload.vllm.compat import KVConnectorPromMetrics, KVConnectorStats
+
+__all__ = ["KVOffloadStats", "KVOffloadPromMetrics", "COUNTERS", "GAUGES"]
+
+#: data key -> (metric name without ``_total``, help text)
+COUNTERS: dict[str, tuple[str, str]] = {
+    "hit_tokens": ("kv_offload:hit_tokens", "Prompt tokens served from the kv-offload pool."),
+    "loaded_bytes": ("kv_offload:loaded_bytes", "Bytes copied from the pool into the KV cache."),
+    "stored_bytes": ("kv_offload:stored_bytes", "Bytes copied from the KV cache into the pool."),
+    "loaded_blocks": ("kv_offload:loaded_blocks", "KV blocks loaded from the pool."),
+    "stored_blocks": ("kv_offload:stored_blocks", "KV blocks stored into the pool."),
+    "evicted_blocks": ("kv_offload:evicted_blocks", "KV blocks evicted from the pool."),
+    "stores_skipped": ("kv_offload:stores_skipped", "KV blocks not stored because the pool had no free room."),
+}
+#: data key -> (metric name, help text); the latest value wins
+GAUGES: dict[str, tuple[str, str]] = {
+    "pool_used_blocks": ("kv_offload:pool_used_blocks", "KV blocks held by the pool."),
+    "pool_capacity_blocks": ("kv_offload:pool_capacity_blocks", "Capacity of the pool in KV blocks."),
+}
+_DIRECTED = ("load_seconds", "store_seconds", "failed_loads", "failed_stores")
+_GBPS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+@dataclass
+class KVOffloadStats(KVConnectorStats):
+    """Counters since the last report, the pool gauges, and per-job transfers.
+
+    ``data`` holds the keys of :data:`COUNTERS` and :data:`GAUGES`, ``load_seconds``,
+    ``store_seconds``, ``failed_loads``, ``failed_stores``, and ``transfers`` (a list of
+    ``[direction, bytes, seconds]``).
+    """
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        merged = dict(self.data)
+        for key, value in other.data.items():
+            if key in GAUGES:
+                merged[key] = value
+            elif key == "transfers":
+                merged[key] = list(merged.get(key, [])) + list(value)
+            else:
+                merged[key] = merged.get(key, 0) + value
+        return KVOffloadStats(data=merged)
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        out: dict[str, int | float] = {k: d.get(k, 0) for k in ("hit_tokens", "loaded_bytes", "stored_bytes")}
+        for key, direction in (("load_seconds", "loaded_bytes"), ("store_seconds", "stored_bytes")):
+            seconds = float(d.get(key, 0.0))
+            out[f"{key.split('_')[0]}_gbps"] = round(d.get(direction, 0) / seconds / 1e9, 3) if seconds else 0.0
+        out["failed_transfers"] = d.get("failed_loads", 0) + d.get("failed_stores", 0)
+        out["evicted_blocks"] = d.get("evicted_blocks", 0)
+        if d.get("pool_capacity_blocks"):
+            out["pool_usage"] = round(d.get("pool_used_blocks", 0) / d["pool_capacity_blocks"], 4)
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(v for k, v in self.data.items() if k not in GAUGES)
+
+
+class KVOffloadPromMetrics(KVConnectorPromMetrics):
+    """Prometheus counters, gauges and a throughput histogram, one child per engine."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        counter: Any = self._counter_cls
+        gauge: Any = self._gauge_cls
+        histogram: Any = self._histogram_cls
+        self._counters = {
+            key: counter(name=name, documentation=doc, labelnames=labelnames)
+            for key, (name, doc) in COUNTERS.items()
+        }
+        self._gauges = {
+            key: gauge(name=name, documentation=doc, labelnames=labelnames, multiprocess_mode="mostrecent")
+            for key, (name, doc) in GAUGES.items()
+        }
+        self._usage = gauge(
+            name="kv_offload:pool_usage_ratio", documentation="Fraction of the pool in use.",
+            labelnames=labelnames, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        directed = [*labelnames, "direction"]
+        self._seconds = counter(
+            name="kv_offload:transfer_seconds", documentation="Seconds spent copying, by direction.",
+            labelnames=directed,
+        )  # fmt: skip
+        self._failed = counter(
+            name="kv_offload:failed_transfers", documentation="Failed transfer jobs, by direction.",
+            labelnames=directed,
+        )  # fmt: skip
+        self._gbps = histogram(
+            name="kv_offload:transfer_throughput_gbps", documentation="Throughput of each transfer job, GB/s.",
+            labelnames=directed, buckets=_GBPS_BUCKETS,
+        )  # fmt: skip
+        for labels in per_engine_labelvalues.values():  # export zeros from the start
+            for counter in self._counters.values():
+                counter.labels(*labels)
+            for direction in ("load", "store"):
+                self._seconds.labels(*labels, direction)
+                self._failed.labels(*labels, direction)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = self.per_engine_labelvalues[engine_idx]
+        d = transfer_stats_data
+        for key, counter in self._counters.items():
+            if d.get(key):
+                counter.labels(*labels).inc(d[key])
+        for key, gauge in self._gauges.items():
+            if key in d:
+                gauge.labels(*labels).set(d[key])
+        if d.get("pool_capacity_blocks"):
+            self._usage.labels(*labels).set(d.get("pool_used_blocks", 0) / d["pool_capacity_blocks"])
+        for direction in ("load", "store"):
+            seconds = d.get(f"{direction}_seconds", 0.0)
+            if seconds:
+                self._seconds.labels(*labels, direction).inc(seconds)
+            failed = d.get(f"failed_{direction}s", 0)
+            if failed:
+                self._failed.labels(*labels, direction).inc(failed)
+        for direction, nbytes, seconds in d.get("transfers", ()):
+            if seconds > 0:
+                self._gbps.labels(*labels, direction).observe(nbytes / seconds / 1e9)

@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The connector's worker half: the pool and the transfer engine of one worker.
+
+Runs in each vLLM worker process. It opens the storage backend's region, builds a
+transfer engine over the worker's KV cache (CPU engine for a KV cache in host memory, the
+CUDA engine for one on a GPU, picked in :func:`make_engine`), runs the jobs of each
+:class:`~kv_offload.vllm.metadata.StepPlan` and reports what finished. No vLLM import:
+the facade feeds it plain lists of tensors and plans.
+
+Per step, in vLLM's call order::
+
+    flush(plan)          before the forward pass: wait for the stores named in plan.flush
+    start_loads(plan)    after the forward pass is launched: submit the loads
+    submit_stores(plan)  after the forward pass (wait_for_save): submit the stores
+    poll()               finished loads -> requests done receiving, failed-load blocks
+    take_report()        everything that finished, for the scheduler half
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from kv_offload.backends import BACKENDS, BackendSpec, StorageBackend
+from kv_offload.config import OffloadConfig
+from kv_offload.geometry import KVGeometry
+from kv_offload.transfer import Direction, TransferEngine, TransferError, TransferJob, regions_from_layers
+from kv_offload.transfer.plan import PageRegion
+from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferReport
+
+__all__ = ["WorkerHalf", "make_engine", "backend_spec"]
+
+logger = logging.getLogger(__name__)
+
+
+def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, rank: int) -> BackendSpec:
+    """The backend spec of one worker: ``cpu_bytes`` is split evenly over the workers."""
+    shm_name = config.shm_name
+    if shm_name is not None and world_size > 1:
+        shm_name = f"{shm_name}.{rank}"
+    return BackendSpec(
+        capacity_bytes=config.cpu_bytes // world_size,
+        geometry=geometry,
+        options=config.backend_options,
+        numa_node=config.numa_node,
+        shm_name=shm_name,
+        pin=config.pin_memory,
+    )
+
+
+def make_engine(
+    regions: Sequence[PageRegion], pool: torch.Tensor, device: torch.device, num_threads: int
+) -> TransferEngine:
+    """The transfer engine for a KV cache on ``device`` (the one place engines are chosen)."""
+    if device.type == "cuda":
+        from kv_offload.transfer.cuda_engine import CudaTransferEngine  # GPU builds only
+
+        return CudaTransferEngine(regions, pool)  # type: ignore[no-any-return, unused-ignore]
+    if device.type != "cpu":
+        raise ValueError(f"kv_offload has no transfer engine for KV caches on {device.type!r}")
+    from kv_offload.transfer.cpu_engine import CpuTransferEngine
+
+    return CpuTransferEngine(regions, pool, num_threads=num_threads)
+
+
+class WorkerHalf:
+    """Moves blocks for one worker.
+
+    Args:
+        config: the validated connector configuration.
+        geometry: the KV geometry as the scheduler half sized the pool with.
+        world_size, rank: this worker's place (the pool capacity is split over workers).
+    """
+
+    def __init__(self, config: OffloadConfig, geometry: KVGeometry, *, world_size: int = 1, rank: int = 0) -> None:
+        self.config = config
+        self.geometry = geometry
+        backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
+        self.backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, rank))
+        self.engine: TransferEngine | None = None
+        self._loads: dict[int, JobSpec] = {}
+        self._stores: dict[int, JobSpec] = {}
+        self._outcomes: list[JobOutcome] = []
+        self._finished_recving: set[str] = set()
+        self._invalid_blocks: set[int] = set()
+
+    # -- set-up --------------------------------------------------------------------------
+    def register(self, layers: Sequence[torch.Tensor]) -> None:
+        """Open the pool and build the engine over the KV cache's per-layer tensors."""
+        if not layers:
+            raise ValueError("kv_offload: no KV cache tensors to register")
+        pool = self.backend.open()
+        regions = regions_from_layers(layers, self.geometry)
+        engine = make_engine(regions, pool, layers[0].device, self.config.transfer_threads)
+        if self.config.fail_load_every or self.config.fail_store_every:
+            from kv_offload.testing.faults import FaultInjectingEngine
+
+            engine = FaultInjectingEngine(
+                engine, layers, fail_load_every=self.config.fail_load_every,
+                fail_store_every=self.config.fail_store_every,
+            )  # fmt: skip
+        self.engine = engine
+        logger.info(
+            "kv_offload: pool of %d blocks (%d bytes each) for %d layers on %s",
+            self.backend.num_slots(), self.geometry.slot_bytes, len(layers), layers[0].device,
+        )  # fmt: skip
+
+    def _engine(self) -> TransferEngine:
+        if self.engine is None:
+            raise RuntimeError("kv_offload: KV caches were never registered")
+        return self.engine
+
+    # -- per step ------------------------------------------------------------------------
+    def flush(self, plan: StepPlan) -> None:
+        """Block until the stores in ``plan.flush`` finished (their blocks are rewritten next)."""
+        if plan.flush:
+            self._engine().wait(plan.flush)
+
+    def start_loads(self, plan: StepPlan) -> None:
+        for job in plan.loads:
+            self._submit(job, Direction.LOAD, self._loads)
+
+    def submit_stores(self, plan: StepPlan) -> None:
+        for job in plan.stores:
+            self._submit(job, Direction.STORE, self._stores)
+
+    def _submit(self, job: JobSpec, direction: Direction, table: dict[int, JobSpec]) -> None:
+        table[job.job_id] = job
+        try:
+            self._engine().submit(TransferJob.make(job.job_id, direction, job.device_blocks, job.slots))
+        except TransferError as exc:  # reported like a failed copy; the request recomputes
+            logger.error("kv_offload: %s job %d rejected: %s", direction.value, job.job_id, exc)
+            self._settle(job.job_id, False, 0, 0.0, direction is Direction.LOAD)
+
+    def poll(self) -> None:
+        """Collect finished jobs (never blocks)."""
+        for result in self._engine().poll():
+            if not result.success:
+                logger.warning("kv_offload: %s job %d failed: %s", result.direction.value, result.job_id, result.error)
+            self._settle(result.job_id, result.success, result.nbytes, result.seconds,
+                         result.direction is Direction.LOAD)  # fmt: skip
+
+    def _settle(self, job_id: int, success: bool, nbytes: int, seconds: float, is_load: bool) -> None:
+        if is_load:
+            job = self._loads.pop(job_id)
+            assert job.req_id is not None
+            self._finished_recving.add(job.req_id)
+            if not success:
+                self._invalid_blocks.update(job.device_blocks)
+        else:
+            job = self._stores.pop(job_id)
+            if success:
+                self.backend.on_stored(job.slots)
+        self._outcomes.append(JobOutcome(job_id, success, nbytes, seconds, is_load))
+
+    def take_finished_recving(self) -> set[str]:
+        done, self._finished_recving = self._finished_recving, set()
+        return done
+
+    def take_invalid_blocks(self) -> set[int]:
+        bad, self._invalid_blocks = self._invalid_blocks, set()
+        return bad
+
+    def take_report(self) -> TransferReport | None:
+        if not self._outcomes:
+            return None
+        outcomes, self._outcomes = self._outcomes, []
+        return TransferReport(outcomes)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._loads) + len(self._stores)
+
+    def shutdown(self) -> None:
+        """Finish every job in flight, then release the engine and the pool."""
+        if self.engine is not None:
+            self.engine.wait(list(self._loads) + list(self._stores))
+            self.poll()
+            self.engine.shutdown()
+            self.engine = None
+        self.backend.close()

@@ -166,8 +166,12 @@ def host_unregister(chunks: list[tuple[int, int]]) -> None:
 
 
 def is_host_registered(address: int) -> bool:
-    """``address`` lies in page-locked host memory known to CUDA (registered or allocated)."""
+    """``address`` lies in page-locked host memory known to CUDA (registered or allocated).
+
+    Asks the driver for the pointer's memory type: page-locked host memory reports
+    ``CU_MEMORYTYPE_HOST``; plain pageable memory is unknown to CUDA (an error).
+    """
     drv = _init_driver()
     ensure_context()
-    err, _flags = drv.cuMemHostGetFlags(address)
-    return int(err) == 0
+    err, value = drv.cuPointerGetAttribute(drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_MEMORY_TYPE, address)
+    return int(err) == 0 and int(value) == int(drv.CUmemorytype.CU_MEMORYTYPE_HOST)

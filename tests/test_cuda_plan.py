@@ -182,3 +182,19 @@ def test_engine_without_a_gpu_raises_a_clear_error() -> None:
     regions = regions_from_layers(llama_layers("BLHNC"), LLAMA)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         CudaTransferEngine(regions, torch.zeros(2, LLAMA.slot_bytes, dtype=torch.uint8))
+
+
+def test_gpu_benchmark_without_a_gpu_exits_with_a_clear_message(tmp_path: object) -> None:
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out_json = Path(str(tmp_path)) / "out.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_gpu_transfer.py"), "--json", str(out_json)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "no CUDA device" in out.stderr and "Traceback" not in out.stderr
+    assert not out_json.exists()

@@ -45,7 +45,7 @@ __all__ = [
     "SupportsHMA", "KVConnectorPromMetrics", "KVConnectorStats", "HOST_HIT_SOURCE",
     "vllm_version", "page_format", "kv_geometry", "hash_block_size", "world_size", "worker_rank",
     "scheduled_requests", "zeroed_blocks", "use_recompute_policy", "ordered_layers",
-    "scheduler_connector",
+    "scheduler_connector", "engine_core", "drain", "count_preemptions",
 ]  # fmt: skip
 
 
@@ -165,15 +165,45 @@ def use_recompute_policy(vllm_config: Any) -> bool:
     return True
 
 
+def engine_core(llm: Any) -> Any:
+    """The ``EngineCore`` of an offline ``LLM`` run in-process (tests, demos).
+
+    Needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; raises ``RuntimeError`` otherwise.
+    """
+    try:
+        return llm.llm_engine.engine_core.engine_core
+    except AttributeError as exc:
+        raise RuntimeError("the engine core is only reachable with VLLM_ENABLE_V1_MULTIPROCESSING=0") from exc
+
+
+def drain(llm: Any, max_steps: int = 10_000) -> None:
+    """Step an idle in-process engine until its connector has no job in flight."""
+    connector = scheduler_connector(llm)
+    steps = 0
+    while connector.has_pending_push_work():
+        llm.llm_engine.step()
+        steps += 1
+        if steps > max_steps:
+            raise RuntimeError("kv_offload: jobs did not settle")
+
+
+def count_preemptions(llm: Any) -> list[int]:
+    """Wrap the in-process scheduler's preemption so calls are counted in the returned list."""
+    scheduler = engine_core(llm).scheduler
+    counter = [0]
+    original = scheduler._preempt_request
+
+    def preempt(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = preempt
+    return counter
+
+
 def scheduler_connector(llm: Any) -> Any:
     """The scheduler-side connector of an offline ``LLM`` run in-process (tests, demos).
 
     Needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; raises ``RuntimeError`` otherwise.
     """
-    try:
-        core = llm.llm_engine.engine_core.engine_core
-        return core.scheduler.connector
-    except AttributeError as exc:
-        raise RuntimeError(
-            "the scheduler connector is only reachable with VLLM_ENABLE_V1_MULTIPROCESSING=0"
-        ) from exc
+    return engine_core(llm).scheduler.connector

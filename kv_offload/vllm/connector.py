@@ -100,6 +100,8 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self.scheduler_half: SchedulerHalf | None = None
         self.worker_half: WorkerHalf | None = None
         self._requests: dict[str, Any] = {}
+        #: everything reported since start (scheduler side), for tests and debugging
+        self.totals = KVOffloadStats()
         if role == KVConnectorRole.SCHEDULER:
             manager = build_manager(self.config, self.geometry, self.world_size)
             block_size = self.geometry.block_size
@@ -198,7 +200,15 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         data.pop("flushes", None)
         data["pool_used_blocks"] = self.scheduler_half.manager.num_used
         data["pool_capacity_blocks"] = self.scheduler_half.manager.num_slots
-        return KVOffloadStats(data=data)
+        stats = KVOffloadStats(data=data)
+        totals = self.totals.aggregate(stats)
+        totals.data.pop("transfers", None)
+        self.totals = KVOffloadStats(data=totals.data)
+        return stats
+
+    def has_pending_push_work(self) -> bool:
+        """Keep the engine stepping until every job is settled (stats and slots stay exact)."""
+        return self.scheduler_half is not None and self.scheduler_half.num_pending_jobs > 0
 
     def reset_cache(self) -> bool | None:
         if self.scheduler_half is not None:

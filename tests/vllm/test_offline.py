@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Offline ``LLM(...)`` with KVOffloadConnector against the same workload without it.
+
+One engine with the connector and one without run the identical sequence:
+
+1. four 640-token documents, then each again with a new question: the KV cache holds 16
+   blocks, so vLLM's own prefix cache has evicted each document by its second turn;
+2. eight concurrent requests whose KV does not fit at once (vLLM preempts);
+3. aborts: one request while its KV is loading from the pool, one mid-decode;
+4. the documents once more after the aborts.
+
+Greedy fp32 outputs must be identical, the repeated documents must come from the pool, and
+once idle the pool's accounting must be back at rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BLOCK, connector_config, documents, greedy, prompt, run_engine
+
+pytestmark = pytest.mark.vllm
+
+DOC_TOKENS = 640
+
+
+def _sequential(llm: Any, docs: list[list[int]], turn: int) -> list[tuple[list[int], int]]:
+    out = []
+    for doc in docs:
+        (res,) = llm.generate([prompt(doc + [10 + turn, 11])], greedy(8), use_tqdm=False)
+        out.append((list(res.outputs[0].token_ids), int(res.num_cached_tokens or 0)))
+    return out
+
+
+def _concurrent(llm: Any) -> list[list[int]]:
+    prompts = [prompt(doc) for doc in documents(8, 300, seed=7)]
+    results = llm.generate(prompts, greedy(160), use_tqdm=False)
+    return [list(r.outputs[0].token_ids) for r in results]
+
+
+def _aborts(llm: Any, docs: list[list[int]]) -> None:
+    engine = llm.llm_engine
+    loading = engine.add_request("abort-while-loading", prompt(docs[0] + [40, 41]), greedy(8))
+    engine.step()  # admitted: its prefix hit is being loaded
+    engine.abort_request([loading if isinstance(loading, str) else "abort-while-loading"])
+    decoding = engine.add_request("abort-mid-decode", prompt(docs[1] + [42]), greedy(200))
+    for _ in range(6):
+        engine.step()
+    engine.abort_request([decoding if isinstance(decoding, str) else "abort-mid-decode"])
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def _workload(llm: Any) -> dict[str, Any]:
+    docs = documents(4, DOC_TOKENS)
+    out: dict[str, Any] = {"turn0": _sequential(llm, docs, 0), "turn1": _sequential(llm, docs, 1)}
+    out["concurrent"] = _concurrent(llm)
+    _aborts(llm, docs)
+    out["after_aborts"] = _sequential(llm, docs, 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model: Path) -> dict[str, Any]:
+    from kv_offload.vllm import compat
+
+    baseline = run_engine(tiny_model, None, _workload)
+
+    def with_connector(llm: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        preemptions = compat.count_preemptions(llm)
+        out = _workload(llm)
+        compat.drain(llm)
+        connector = compat.scheduler_connector(llm)
+        half = connector.scheduler_half
+        settled_error = None
+        try:
+            half.check_settled()
+        except AssertionError as exc:
+            settled_error = str(exc)
+        info = {
+            "manager": half.manager.stats.as_dict(),
+            "totals": dict(connector.totals.data),
+            "reduced": connector.totals.reduce(),
+            "preemptions": preemptions[0],
+            "settled_error": settled_error,
+            "used": half.manager.num_used,
+        }
+        return out, info
+
+    offload, info = run_engine(tiny_model, connector_config(), with_connector)
+    return {"baseline": baseline, "offload": offload, "info": info}
+
+
+def test_outputs_identical_to_no_connector(runs: dict[str, Any]) -> None:
+    base, off = runs["baseline"], runs["offload"]
+    for phase in ("turn0", "turn1", "after_aborts"):
+        assert [t for t, _ in off[phase]] == [t for t, _ in base[phase]], phase
+    assert off["concurrent"] == base["concurrent"]
+
+
+def test_evicted_prefixes_come_back_from_the_pool(runs: dict[str, Any]) -> None:
+    base, off, info = runs["baseline"], runs["offload"], runs["info"]
+    # Without the connector vLLM's own cache lost each document before its next turn...
+    assert all(cached == 0 for _, cached in base["turn1"])
+    # ...with it, every document's full blocks are served from the pool.
+    full = (DOC_TOKENS // BLOCK) * BLOCK
+    assert all(cached >= full for _, cached in off["turn1"]), off["turn1"]
+    assert all(cached >= full for _, cached in off["after_aborts"]), off["after_aborts"]
+    totals = info["totals"]
+    assert totals["hit_tokens"] >= 8 * full
+    assert totals["loaded_bytes"] > 0 and totals["stored_bytes"] > 0
+    assert info["manager"]["loads"] >= 8 * (DOC_TOKENS // BLOCK)
+    assert info["reduced"]["load_gbps"] > 0
+
+
+def test_preemption_happened_and_accounting_settles(runs: dict[str, Any]) -> None:
+    info = runs["info"]
+    assert info["preemptions"] > 0, "the concurrent phase was meant to preempt"
+    assert info["settled_error"] is None, info["settled_error"]
+    assert info["manager"]["load_failures"] == 0 and info["manager"]["store_failures"] == 0
+    assert info["used"] > 0

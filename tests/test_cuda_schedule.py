@@ -544,3 +544,19 @@ def test_engine_rejects_a_bad_pool() -> None:
         CudaTransferEngine(regions, torch.zeros(4, 4096, dtype=torch.float32), backend=SimBackend(dev))
     with pytest.raises(ValueError, match="regions"):
         CudaTransferEngine([], torch.zeros(4, 4096, dtype=torch.uint8), backend=SimBackend(dev))
+
+
+def test_dropping_the_engine_frees_it_without_the_garbage_collector() -> None:
+    import gc
+    import weakref
+
+    rig = Rig("LBHNC")
+    rig.engine.submit(TransferJob.make(1, Direction.STORE, [0], [0]))
+    rig.poll_all()
+    ref = weakref.ref(rig.engine)
+    gc.disable()
+    try:
+        del rig.engine
+        assert ref() is None, "a reference cycle keeps the engine (and its pool view) alive"
+    finally:
+        gc.enable()

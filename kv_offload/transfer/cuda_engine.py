@@ -16,6 +16,9 @@ completion follow :mod:`kv_offload.transfer.stream_schedule`:
 them), so ``nbytes / seconds`` is the transfer's bandwidth; a failed job reports host time
 since submission instead.
 
+The engine is driven from one thread (vLLM's worker calls submit/poll/wait from its step
+loop); it has no background thread and takes no locks.
+
 Nothing here imports cuda-python or initializes CUDA at import time, so this module imports
 on machines without a GPU; constructing the engine there raises a clear error.
 """
@@ -166,10 +169,15 @@ class CudaTransferEngine(TransferEngine):
             backend, policy = self._cuda_backend(device, policy, load_src_order_any)
         self.backend = backend
         self.policy = policy if policy is not None else CopyPolicy(batch_available=False)
+        # Plain closures, not bound methods: the scheduler must not reference the engine, so
+        # dropping the engine frees it (and its view of the pool) at once, without the GC.
+        regions_, base, slot_bytes, num_slots, policy_ = (
+            self.regions, self._host_base, self._slot_bytes, self._num_slots, self.policy
+        )  # fmt: skip
         self._sched = StreamScheduler(
             backend,
-            self.plan,
-            self.plan_calls,
+            lambda job: build_copy_batch(job, regions_, base, slot_bytes, num_slots),
+            lambda batch: plan_calls(batch, policy_),
             streams_per_direction=streams_per_direction,
         )
 

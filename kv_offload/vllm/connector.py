@@ -40,7 +40,7 @@ from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
 from kv_offload.vllm.worker import WorkerHalf, backend_spec
 
-__all__ = ["KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager"]
+__all__ = ["KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,12 @@ class KVOffloadWorkerMetadata(TransferReport, KVConnectorWorkerMetadata):
         return KVOffloadWorkerMetadata(self.outcomes + other.outcomes)
 
 
-def build_manager(config: OffloadConfig, geometry: KVGeometry, world_size: int) -> OffloadManager:
-    """The scheduler's manager, sized by the backend; bad names and sizes raise ``ConfigError``."""
+def check_components(config: OffloadConfig, geometry: KVGeometry, world_size: int) -> int:
+    """Resolve the backend and the policy and size the pool; returns slots per worker.
+
+    Allocates nothing. Bad names, options and sizes raise ``ConfigError`` naming the key,
+    in whichever process builds its connector first.
+    """
     try:
         backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
     except RegistryError as exc:
@@ -74,9 +78,16 @@ def build_manager(config: OffloadConfig, geometry: KVGeometry, world_size: int) 
     if num_slots <= 0:
         raise ConfigError("cpu_bytes", f"{config.cpu_bytes} bytes hold no KV block of {geometry.slot_bytes} bytes")
     try:
-        policy_cls = POLICIES.resolve(config.eviction_policy, config.eviction_policy_module_path)
+        POLICIES.resolve(config.eviction_policy, config.eviction_policy_module_path)
     except RegistryError as exc:
         raise ConfigError("eviction_policy", str(exc)) from None
+    return num_slots
+
+
+def build_manager(config: OffloadConfig, geometry: KVGeometry, world_size: int) -> OffloadManager:
+    """The scheduler's manager, sized by the backend."""
+    num_slots = check_components(config, geometry, world_size)
+    policy_cls = POLICIES.resolve(config.eviction_policy, config.eviction_policy_module_path)
     return OffloadManager(
         num_slots,
         policy_cls(num_slots),
@@ -116,6 +127,7 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 manager.num_slots, block_size, self.geometry.block_bytes, compat.vllm_version(),
             )  # fmt: skip
         else:
+            check_components(self.config, self.geometry, self.world_size)
             self.worker_half = WorkerHalf(
                 self.config, self.geometry, world_size=self.world_size, rank=compat.worker_rank()
             )

@@ -121,3 +121,45 @@ def test_preemption_happened_and_accounting_settles(runs: dict[str, Any]) -> Non
     assert info["settled_error"] is None, info["settled_error"]
     assert info["manager"]["load_failures"] == 0 and info["manager"]["store_failures"] == 0
     assert info["used"] > 0
+
+
+def _two_turns(llm: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from kv_offload.vllm import compat
+
+    docs = documents(4, DOC_TOKENS)
+    out = {"turn0": _sequential(llm, docs, 0), "turn1": _sequential(llm, docs, 1)}
+    compat.drain(llm)
+    connector = compat.scheduler_connector(llm)
+    connector.scheduler_half.check_settled()
+    return out, {"manager": connector.scheduler_half.manager.stats.as_dict(), "totals": dict(connector.totals.data)}
+
+
+def test_injected_failures_recompute_with_identical_output(runs: dict[str, Any], tiny_model: Path) -> None:
+    # Every second load and every third store fails for real: a failed load leaves NaN
+    # in its destination blocks, so serving them would change the output.
+    cfg = connector_config(fail_load_every=2, fail_store_every=3)
+    out, info = run_engine(tiny_model, cfg, _two_turns)
+    base = runs["baseline"]
+    assert [t for t, _ in out["turn0"]] == [t for t, _ in base["turn0"]]
+    assert [t for t, _ in out["turn1"]] == [t for t, _ in base["turn1"]]
+    assert info["totals"]["failed_loads"] >= 1 and info["manager"]["load_failures"] >= 1
+    assert info["totals"]["failed_stores"] >= 1 and info["manager"]["store_failures"] >= 1
+    assert info["manager"]["loads"] >= 1, "some loads were meant to succeed"
+
+
+def test_failed_load_without_recompute_fails_the_request(runs: dict[str, Any], tiny_model: Path) -> None:
+    # The control: with vLLM's own default policy ("fail") the same fault is not recomputed.
+    cfg = connector_config(fail_load_every=1, recompute_on_load_failure=False)
+
+    def work(llm: Any) -> list[Any]:
+        doc = documents(1, DOC_TOKENS)[0]
+        llm.generate([prompt(doc + [10, 11])], greedy(8), use_tqdm=False)
+        llm.generate([prompt(documents(3, DOC_TOKENS, seed=5)[i]) for i in range(3)], greedy(1), use_tqdm=False)
+        try:
+            (res,) = llm.generate([prompt(doc + [12, 11])], greedy(8), use_tqdm=False)
+        except Exception as exc:  # vLLM may raise for an errored request
+            return ["raised", repr(exc)]
+        return [res.outputs[0].finish_reason, list(res.outputs[0].token_ids)]
+
+    result = run_engine(tiny_model, cfg, work)
+    assert result[0] in ("raised", "error"), result

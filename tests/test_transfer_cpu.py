@@ -174,6 +174,60 @@ def test_engine_after_shutdown_refuses_jobs() -> None:
         engine.submit(TransferJob.make(1, Direction.STORE, [0], [0]))
 
 
+def test_submit_racing_shutdown_is_refused_not_lost() -> None:
+    """A job accepted while shutdown() stops the thread would never run: wait() would hang."""
+    geometry = small_geometry()
+    cache = make_kv_cache(geometry, NUM_BLOCKS, "per_layer")
+    engine = _engine(cache, geometry, torch.zeros(NUM_SLOTS, geometry.slot_bytes, dtype=torch.uint8))
+    plan = engine.plan
+
+    def plan_then_shut_down(job: TransferJob) -> CopyBatch:
+        batch = plan(job)
+        engine.shutdown()  # lands between submit's first check and the queueing
+        return batch
+
+    engine.plan = plan_then_shut_down  # type: ignore[method-assign]
+    with pytest.raises(TransferError, match="shut down"):
+        engine.submit(TransferJob.make(1, Direction.STORE, [0], [0]))
+    assert engine.pending() == 0
+    engine.wait([1])  # returns: nothing of job 1 is in flight
+
+
+def test_shutdown_runs_queued_jobs_and_keeps_their_results() -> None:
+    geometry = small_geometry()
+    cache = make_kv_cache(geometry, NUM_BLOCKS, "per_layer")
+    pool = torch.zeros(NUM_SLOTS, geometry.slot_bytes, dtype=torch.uint8)
+    engine = _engine(cache, geometry, pool)
+    for i in range(NUM_SLOTS):
+        engine.submit(TransferJob.make(100 + i, Direction.STORE, [i], [i]))
+    engine.shutdown()
+    results = engine.poll()
+    assert [r.job_id for r in results] == [100 + i for i in range(NUM_SLOTS)]
+    assert all(r.success for r in results) and engine.pending() == 0
+    for i in range(NUM_SLOTS):
+        assert torch.equal(host_page(pool, geometry, i, 0), cache.block_bytes(0, i))
+
+
+def test_job_id_is_reusable_only_after_poll_reported_it() -> None:
+    geometry = small_geometry()
+    cache = make_kv_cache(geometry, NUM_BLOCKS, "per_layer")
+    pool = torch.zeros(NUM_SLOTS, geometry.slot_bytes, dtype=torch.uint8)
+    engine = _engine(cache, geometry, pool)
+    try:
+        engine.submit(TransferJob.make(7, Direction.STORE, [1], [0]))
+        engine.wait([7, 12345])  # unknown ids are ignored
+        with pytest.raises(TransferError, match="job 7 is already in flight"):
+            engine.submit(TransferJob.make(7, Direction.STORE, [2], [1]))  # finished, not polled
+        assert [r.job_id for r in engine.poll()] == [7]
+        engine.submit(TransferJob.make(7, Direction.STORE, [2], [1]))
+        engine.wait([7])
+        (result,) = engine.poll()
+        assert result.job_id == 7 and result.success and engine.pending() == 0
+        assert torch.equal(host_page(pool, geometry, 1, 0), cache.block_bytes(0, 2))
+    finally:
+        engine.shutdown()
+
+
 def test_geometry_mismatch_names_the_layer() -> None:
     geometry = small_geometry()
     cache = make_kv_cache(small_geometry(torch.bfloat16), NUM_BLOCKS, "per_layer")

@@ -70,10 +70,14 @@ class CpuTransferEngine(TransferEngine):
             raise TransferError("engine is shut down")
         batch = self.plan(job)  # validates ids before anything is queued
         with self._cond:
+            # Checked again, and queued, under the lock that shutdown() takes: a job queued
+            # behind the stop sentinel would never run and wait() on it would never return.
+            if self._closed:
+                raise TransferError("engine is shut down")
             if job.job_id in self._in_flight:
                 raise TransferError(f"job {job.job_id} is already in flight")
             self._in_flight.add(job.job_id)
-        self._jobs.put((job, batch, time.perf_counter()))
+            self._jobs.put((job, batch, time.perf_counter()))
 
     def _run(self) -> None:
         while True:
@@ -116,10 +120,11 @@ class CpuTransferEngine(TransferEngine):
             return len(self._in_flight)
 
     def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(None)  # behind every job already queued: those still run
         self._thread.join()
 
 

@@ -23,7 +23,7 @@ Not thread-safe: one scheduler thread drives it, as in vLLM.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -194,12 +194,19 @@ class OffloadManager:
         return [e.slot for e in entries]
 
     def complete_load(self, keys: Sequence[OffloadKey], success: bool = True) -> None:
-        """The read of ``keys`` finished; they may be evicted again."""
-        for key in keys:
+        """The read of ``keys`` finished; they may be evicted again.
+
+        Raises ``KeyError`` if a key has no load in progress (as often as it is listed),
+        and then changes nothing.
+        """
+        entries = []
+        for key, times in Counter(keys).items():
             entry = self._entries.get(key)
-            if entry is None or entry.readers <= 0:
+            if entry is None or entry.readers < times:
                 raise KeyError(f"block {key.hex()} has no load in progress")
-            entry.readers -= 1
+            entries.append((entry, times))
+        for entry, times in entries:
+            entry.readers -= times
         if success:
             self.stats.loads += len(keys)
             self.stats.bytes_loaded += len(keys) * self.block_bytes
@@ -259,12 +266,18 @@ class OffloadManager:
         return StorePlan(tuple(new), tuple(slots), tuple(evicted))
 
     def complete_store(self, keys: Sequence[OffloadKey], success: bool = True) -> None:
-        """The copy into the reserved slots finished; on failure the slots are freed."""
+        """The copy into the reserved slots finished; on failure the slots are freed.
+
+        Raises ``KeyError`` if a key has no store in progress (or is listed twice), and then
+        changes nothing: no block becomes readable without its STORED event.
+        """
+        for key, times in Counter(keys).items():
+            entry = self._entries.get(key)
+            if entry is None or not entry.writing or times > 1:
+                raise KeyError(f"block {key.hex()} has no store in progress")
         done: list[OffloadKey] = []
         for key in keys:
-            entry = self._entries.get(key)
-            if entry is None or not entry.writing:
-                raise KeyError(f"block {key.hex()} has no store in progress")
+            entry = self._entries[key]
             if success:
                 entry.writing = False
                 done.append(key)

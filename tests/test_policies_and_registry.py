@@ -94,6 +94,32 @@ def test_admission_threshold_stores_on_nth_offer() -> None:
     assert plan is not None and plan.keys == (k(1),)
 
 
+def test_complete_store_with_a_bad_key_changes_nothing() -> None:
+    m = OffloadManager(4, LRUPolicy(4))
+    plan = m.prepare_store([k(1), k(2)])
+    assert plan is not None
+    for bad in ([k(1), k(9)], [k(1), k(1)]):
+        with pytest.raises(KeyError, match="no store in progress"):
+            m.complete_store(bad)
+        assert m.lookup([k(1)]) == 0 and m.num_writing == 2
+    assert m.take_events() == [] and m.stats.stores == 0
+    m.complete_store([k(1), k(2)])
+    assert [(e.kind.value, e.keys) for e in m.take_events()] == [("stored", (k(1), k(2)))]
+
+
+def test_complete_load_with_a_bad_key_changes_nothing() -> None:
+    m = OffloadManager(2, LRUPolicy(2))
+    store(m, 1, 2)
+    m.prepare_load([k(1)])
+    for bad in ([k(1), k(2)], [k(1), k(1)], [k(1), k(7)]):
+        with pytest.raises(KeyError, match="no load in progress"):
+            m.complete_load(bad)
+        assert m.num_reading == 1
+    m.prepare_load([k(1)])
+    m.complete_load([k(1), k(1)])  # two loads of one block end together
+    assert m.num_reading == 0 and m.stats.loads == 2
+
+
 def test_complete_store_failure_frees_the_slot() -> None:
     m = OffloadManager(1, LRUPolicy(1), block_bytes=10)
     plan = m.prepare_store([k(1)])

@@ -42,7 +42,8 @@ from kv_offload.vllm.worker import WorkerHalf, backend_spec
 
 __all__ = ["KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components"]
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger, so messages show in vLLM's log with its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 
 @dataclass

@@ -32,7 +32,8 @@ from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferRepo
 
 __all__ = ["WorkerHalf", "make_engine", "backend_spec"]
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger, so messages show in vLLM's log with its format.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 
 def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, rank: int) -> BackendSpec:

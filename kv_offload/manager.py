@@ -91,10 +91,18 @@ class _AdmissionTracker:
         count = self.counts.pop(key, 0) + 1
         if count >= self.threshold:
             return True
+        self._remember(key, count)
+        return False
+
+    def undo_admit(self, keys: Iterable[OffloadKey]) -> None:
+        """``keys`` were admitted but not stored: their next offer admits them again."""
+        for key in keys:
+            self._remember(key, self.threshold - 1)
+
+    def _remember(self, key: OffloadKey, count: int) -> None:
         self.counts[key] = count
         while len(self.counts) > self.max_size:
             self.counts.popitem(last=False)
-        return False
 
 
 class OffloadManager:
@@ -250,6 +258,8 @@ class OffloadManager:
 
             victims = self.policy.evict(shortfall, evictable)
             if victims is None:
+                if self._admission is not None:
+                    self._admission.undo_admit(new)
                 self.stats.stores_skipped += len(new)
                 return None
             for key in victims:

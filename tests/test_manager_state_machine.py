@@ -26,6 +26,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.writing: list[tuple[bytes, ...]] = []  # outstanding stores (keys reserved together)
         self.reading: list[tuple[bytes, ...]] = []  # outstanding loads
         self.slots: dict[bytes, int] = {}
+        self.offers: dict[bytes, int] = {}  # the admission counter's model
 
     @initialize(policy=st.sampled_from(POLICIES.names()), num_slots=st.integers(1, 8),
                 threshold=st.sampled_from([0, 0, 2]))  # fmt: skip
@@ -59,11 +60,22 @@ class ManagerMachine(RuleBasedStateMachine):
     def prepare_store(self, keys: list[bytes]) -> None:
         used_before = self.m.num_used
         protected = self.busy()
+        offered = [k for k in dict.fromkeys(keys) if k not in self.ready and k not in self.in_flight_writes()]
+        if self.threshold < 2:
+            expected_new = offered
+        else:
+            # Admission: a key is stored on its threshold-th offer; other offers count.
+            expected_new = [k for k in offered if self.offers.get(k, 0) + 1 >= self.threshold]
+            for k in offered:
+                self.offers[k] = self.offers.get(k, 0) + 1
         plan = self.m.prepare_store(keys)
         if plan is None:
-            # "Cannot store": nothing may have changed.
+            # "Cannot store": nothing may have changed, and the refused keys stay admitted.
             assert self.m.num_used == used_before
+            assert expected_new
             return
+        for k in plan.keys:
+            self.offers.pop(k, None)
         assert set(plan.evicted).isdisjoint(protected), "evicted a block being read or written"
         assert set(plan.evicted).isdisjoint(keys), "evicted a block of the store itself"
         assert set(plan.evicted) <= self.ready
@@ -73,9 +85,7 @@ class ManagerMachine(RuleBasedStateMachine):
         for k in plan.keys:
             assert k not in self.ready and k not in self.in_flight_writes()
             assert k in keys
-        if self.threshold < 2:
-            expected_new = [k for k in dict.fromkeys(keys) if k not in self.ready and k not in self.in_flight_writes()]
-            assert list(plan.keys) == expected_new
+        assert list(plan.keys) == expected_new
         assert len(set(plan.slots)) == len(plan.slots)
         assert set(plan.slots).isdisjoint(self.slots.values()), "slot handed out twice"
         for k, s in zip(plan.keys, plan.slots):

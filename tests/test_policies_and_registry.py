@@ -94,6 +94,19 @@ def test_admission_threshold_stores_on_nth_offer() -> None:
     assert plan is not None and plan.keys == (k(1),)
 
 
+def test_refused_store_keeps_its_keys_admitted() -> None:
+    m = OffloadManager(1, LRUPolicy(1), store_threshold=2)
+    store(m, 1)
+    store(m, 1)  # second offer: stored
+    m.prepare_load([k(1)])  # the only block is being read: nothing can be evicted
+    plan = m.prepare_store([k(2)])
+    assert plan is not None and plan.keys == ()  # first offer of 2: only counted
+    assert m.prepare_store([k(2)]) is None  # second offer: admitted, but no room
+    m.complete_load([k(1)])
+    plan = m.prepare_store([k(2)])  # room now: the refusal must not have reset the count
+    assert plan is not None and plan.keys == (k(2),) and plan.evicted == (k(1),)
+
+
 def test_complete_store_with_a_bad_key_changes_nothing() -> None:
     m = OffloadManager(4, LRUPolicy(4))
     plan = m.prepare_store([k(1), k(2)])

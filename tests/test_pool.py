@@ -66,6 +66,14 @@ def test_shared_pool_is_private_to_the_user_and_seen_by_another_process() -> Non
         HostPool.attach(name)
 
 
+def test_shared_pool_with_oversized_metadata_leaves_no_segment() -> None:
+    name = unique_name()
+    spec = PoolSpec(capacity_bytes=4 * SLOT, slot_bytes=SLOT, shm_name=name, metadata={"x": "y" * 5000})
+    with pytest.raises(PoolError, match="metadata too large"):
+        HostPool(spec)
+    assert not os.path.exists(f"/dev/shm/kv_offload.{name}")
+
+
 def test_numa_bound_pool_is_touched_and_usable() -> None:
     node = numa_nodes()[0]
     with HostPool(PoolSpec(capacity_bytes=4 * SLOT, slot_bytes=SLOT, numa_node=node, pin=PinMode.NEVER)) as pool:

@@ -127,6 +127,12 @@ class HostPool:
         assert spec.shm_name is not None
         path = shm_path(spec.shm_name)
         total = HEADER_BYTES + data_bytes
+        # Checked before the segment exists: a failure after O_CREAT would leave it behind.
+        header = json.dumps(
+            {"num_slots": self.num_slots, "slot_bytes": self.slot_bytes, "metadata": spec.metadata or {}}
+        ).encode()
+        if len(header) + 12 > HEADER_BYTES:
+            raise PoolError(f"pool metadata too large for the shared header ({len(header)} bytes)")
         stat = os.statvfs(_SHM_DIR)
         if stat.f_bavail * stat.f_frsize < total:
             raise PoolError(
@@ -146,11 +152,6 @@ class HostPool:
             os.close(fd)
             os.unlink(path)
             raise
-        header = json.dumps(
-            {"num_slots": self.num_slots, "slot_bytes": self.slot_bytes, "metadata": spec.metadata or {}}
-        ).encode()
-        if len(header) + 12 > HEADER_BYTES:
-            raise PoolError("pool metadata too large for the shared header")
         mm[: len(_MAGIC)] = _MAGIC
         mm[8:12] = len(header).to_bytes(4, "little")
         mm[12 : 12 + len(header)] = header

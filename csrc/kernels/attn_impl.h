@@ -33,7 +33,7 @@ namespace kv_offload {
 namespace cpu_attn {
 namespace KVO_ISA {
 
-constexpr int kChunk = 128;               // most tokens handled per chunk
+constexpr int kChunk = 64;                // most tokens handled per chunk
 constexpr int kRowTile = 4;               // query rows per register tile
 constexpr int kSStride = kChunk + 16;     // row stride of the score buffer
 constexpr float kLog2e = 1.4426950408889634f;
@@ -46,6 +46,7 @@ constexpr int kDvVecs = 16 / W;  // V dims per P.V tile = 16 (head sizes are mul
 struct Scratch {
   std::vector<float> q, s, acc, m, l;
   std::vector<int64_t> lo, hi;
+  float sink = 0.0f;
   void ensure(int rows, int d, int dv) {
     if (static_cast<int>(m.size()) < rows) {
       m.resize(rows);
@@ -73,6 +74,44 @@ struct Chunk {
   int n;
   int64_t pos;
 };
+
+// Reads every 64-byte line of [lo, hi) with independent loads (like a read-bandwidth loop),
+// so a chunk streams from DRAM at full rate before the compute loops, whose FMA dependency
+// chains would otherwise keep too few loads in flight, read it from cache.
+static inline vf touch_span(const char* lo, const char* hi, vf sink) {
+  lo = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
+  vf a0 = Simd::zero(), a1 = Simd::zero(), a2 = Simd::zero(), a3 = Simd::zero();
+  for (; lo + 256 <= hi; lo += 256) {
+    a0 = Simd::add(a0, Simd::load(reinterpret_cast<const float*>(lo)));
+    a1 = Simd::add(a1, Simd::load(reinterpret_cast<const float*>(lo + 64)));
+    a2 = Simd::add(a2, Simd::load(reinterpret_cast<const float*>(lo + 128)));
+    a3 = Simd::add(a3, Simd::load(reinterpret_cast<const float*>(lo + 192)));
+  }
+  for (; lo < hi; lo += 64) a0 = Simd::add(a0, Simd::load(reinterpret_cast<const float*>(lo)));
+  return Simd::add(sink, Simd::add(Simd::add(a0, a1), Simd::add(a2, a3)));
+}
+
+// Touches chunk c's K and V: one span when K and V rows are dense enough (HND, CPU, dense
+// new tokens), else row by row (NHD, whose rows interleave the other heads).
+template <class KT>
+static inline vf touch_chunk(const KT* k, int64_t k_tok, int64_t k_dim, const KT* v, int64_t v_tok, int n, int d,
+                             int dv, vf sink) {
+  constexpr int64_t es = sizeof(KT);
+  const char* k_lo = reinterpret_cast<const char*>(k);
+  const char* k_hi = k_lo + ((n - 1) * k_tok + (d - 1) * k_dim + 1) * es;
+  const char* v_lo = reinterpret_cast<const char*>(v);
+  const char* v_hi = v_lo + ((n - 1) * v_tok + dv) * es;
+  const char* lo = std::min(k_lo, v_lo);
+  const char* hi = std::max(k_hi, v_hi);
+  if (hi - lo <= 2 * static_cast<int64_t>(n) * (d + dv) * es) return touch_span(lo, hi, sink);
+  if (k_dim == 1) {
+    for (int t = 0; t < n; ++t) sink = touch_span(k_lo + t * k_tok * es, k_lo + (t * k_tok + d) * es, sink);
+  } else {
+    sink = touch_span(k_lo, k_hi, sink);
+  }
+  for (int t = 0; t < n; ++t) sink = touch_span(v_lo + t * v_tok * es, v_lo + (t * v_tok + dv) * es, sink);
+  return sink;
+}
 
 // Rows and their KV source for one work item.
 template <class KT>
@@ -107,7 +146,7 @@ static inline void qk_token_major(const float* q, int d, const KT* k, int64_t k_
   }
   if constexpr (RT * NT == 8) {
     float out[8];
-    Simd::hsum8(&acc[0][0], out);
+    Simd::hsum8(acc[0][0], acc[0][1], acc[1][0], acc[1][1], acc[2][0], acc[2][1], acc[3][0], acc[3][1], out);
     for (int r = 0; r < RT; ++r)
       for (int t = 0; t < NT; ++t) s[r * kSStride + t] = out[r * NT + t];
   } else {
@@ -268,6 +307,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   const KVLayout& kv = *job.kv;
   const int64_t bs = kv.block_size;
   float* s = sc.s.data();
+  vf sink = Simd::zero();
   int64_t p = job.p_lo;
   while (p < job.p_hi) {
     Chunk<KT> c;
@@ -294,6 +334,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
     }
     const int n = c.n;
     const int nv = (n + W - 1) / W * W;
+    sink = touch_chunk(c.k, c.k_tok, c.k_dim, c.v, c.v_tok, n, d, dv, sink);
     chunk_scores<KT, DC>(sc.q.data(), rows, d, c, s);
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kSStride;
@@ -308,6 +349,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
     chunk_pv<KT>(s, rows, c, sc.acc.data(), dv);
     p += n;
   }
+  sc.sink = Simd::hsum(sink);  // keeps the touch loads alive
 }
 
 // Loads R rows of Q (any dtype and strides) as fp32, pre-scaled into log2 units.

@@ -36,7 +36,8 @@ struct Simd {
     return _mm_cvtss_f32(s);
   }
   // out[i] = hsum(v[i]) for i < 8.
-  static inline void hsum8(const vf* v, float* out) {
+  static inline void hsum8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7, float* out) {
+    const vf v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
     __m256 a = _mm256_hadd_ps(v[0], v[1]);
     __m256 b = _mm256_hadd_ps(v[2], v[3]);
     __m256 c = _mm256_hadd_ps(v[4], v[5]);

@@ -26,7 +26,8 @@ struct Simd {
   static inline vf max(vf a, vf b) { return vmaxq_f32(a, b); }
   static inline float hsum(vf v) { return vaddvq_f32(v); }
   static inline float hmax(vf v) { return vmaxvq_f32(v); }
-  static inline void hsum8(const vf* v, float* out) {
+  static inline void hsum8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7, float* out) {
+    const vf v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
     vst1q_f32(out, vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])));
     vst1q_f32(out + 4, vpaddq_f32(vpaddq_f32(v[4], v[5]), vpaddq_f32(v[6], v[7])));
   }

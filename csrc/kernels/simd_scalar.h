@@ -26,7 +26,8 @@ struct Simd {
   static inline vf max(vf a, vf b) { return a > b ? a : b; }
   static inline float hsum(vf v) { return v; }
   static inline float hmax(vf v) { return v; }
-  static inline void hsum8(const vf* v, float* out) {
+  static inline void hsum8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7, float* out) {
+    const vf v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
     for (int i = 0; i < 8; ++i) out[i] = v[i];
   }
   static inline vf exp2(vf x) { return x < -125.0f ? 0.0f : std::exp2(x); }

@@ -74,6 +74,20 @@ def test_shared_pool_with_oversized_metadata_leaves_no_segment() -> None:
     assert not os.path.exists(f"/dev/shm/kv_offload.{name}")
 
 
+def test_attach_refuses_foreign_or_truncated_segments_without_leaking() -> None:
+    name = unique_name()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with HostPool(PoolSpec(capacity_bytes=4 * SLOT, slot_bytes=SLOT, shm_name=name)) as pool:
+        assert pool.shm_path is not None
+        os.truncate(pool.shm_path, 4096 + 2 * SLOT)
+        with pytest.raises(PoolError, match="its header says"):
+            HostPool.attach(name)
+        os.truncate(pool.shm_path, 100)
+        with pytest.raises(PoolError, match="not a kv_offload pool"):
+            HostPool.attach(name)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_numa_bound_pool_is_touched_and_usable() -> None:
     node = numa_nodes()[0]
     with HostPool(PoolSpec(capacity_bytes=4 * SLOT, slot_bytes=SLOT, numa_node=node, pin=PinMode.NEVER)) as pool:

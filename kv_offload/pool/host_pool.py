@@ -193,15 +193,11 @@ class HostPool:
             fd = os.open(path, flags)
         except FileNotFoundError as exc:
             raise PoolError(f"no shared pool named {shm_name!r} ({path})") from exc
-        size = os.fstat(fd).st_size
-        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
-        if mm[: len(_MAGIC)] != _MAGIC:
-            mm.close()
+        try:
+            mm, header = cls._read_header(fd, path, readonly)
+        except BaseException:
             os.close(fd)
-            raise PoolError(f"{path} is not a kv_offload pool")
-        n = int.from_bytes(mm[8:12], "little")
-        header = json.loads(mm[12 : 12 + n].decode())
+            raise
         self = cls.__new__(cls)
         self.spec = PoolSpec(
             capacity_bytes=header["num_slots"] * header["slot_bytes"],
@@ -222,6 +218,26 @@ class HostPool:
         self.base_ptr = int(self.tensor.data_ptr())
         self.pinned = False
         return self
+
+    @staticmethod
+    def _read_header(fd: int, path: str, readonly: bool) -> tuple[mmap.mmap, dict[str, Any]]:
+        size = os.fstat(fd).st_size
+        if size < HEADER_BYTES:
+            raise PoolError(f"{path} is not a kv_offload pool ({size} bytes)")
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        try:
+            if mm[: len(_MAGIC)] != _MAGIC:
+                raise PoolError(f"{path} is not a kv_offload pool")
+            n = int.from_bytes(mm[8:12], "little")
+            header: dict[str, Any] = json.loads(mm[12 : 12 + n].decode())
+            need = HEADER_BYTES + header["num_slots"] * header["slot_bytes"]
+            if size < need:
+                raise PoolError(f"{path} holds {size} bytes, its header says {need}")
+        except BaseException:
+            mm.close()
+            raise
+        return mm, header
 
     # -- use -------------------------------------------------------------------------------
     @property

@@ -285,6 +285,35 @@ def test_copy_segments_matches_reference(seed: int, threads: int) -> None:
     assert torch.equal(actual, expected)
 
 
+_Q = 1 << 18  # copy_segments uses one thread per 256 KiB at most
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [_Q, _Q, _Q, _Q],  # thread ranges end exactly on segment boundaries
+        [0, _Q, _Q, 0],  # zero-size first and last segments
+        [0, 0, 2 * _Q, 0, 0],
+        [_Q, 0, 0, _Q, 0, _Q, 0, 0, _Q],  # zero-size segments at the split points
+        [4 * _Q],  # more threads than segments
+        [1, 4 * _Q - 1],
+        [4 * _Q - 1, 1],
+        [2 * _Q + 1, 2 * _Q - 1],
+        [3, 2 * _Q, 5, 0, _Q, 7],
+    ],
+)
+@pytest.mark.parametrize("threads", [2, 3, 4, 16])
+def test_copy_segments_split_at_segment_boundaries(sizes: list[int], threads: int) -> None:
+    total = sum(sizes)
+    src = torch.from_numpy(np.random.default_rng(total).integers(0, 256, total, dtype=np.uint8))
+    dst = torch.zeros(total + 4096, dtype=torch.uint8)
+    offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    sizes_ = np.array(sizes, dtype=np.int64)
+    run_copy_batch(CopyBatch(src.data_ptr() + offsets, dst.data_ptr() + offsets, sizes_), threads)
+    assert torch.equal(dst[:total], src), "a byte range was skipped or copied from the wrong place"
+    assert not dst[total:].any(), "a thread wrote past the last segment"
+
+
 def test_coalesce_copies_the_same_bytes() -> None:
     rng = np.random.default_rng(7)
     src = torch.from_numpy(rng.integers(0, 256, 1 << 16, dtype=np.uint8))

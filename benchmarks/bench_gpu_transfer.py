@@ -202,16 +202,9 @@ def bidirectional(rig: EngineRig, batch: bool, reps: int, per_job: int) -> float
             lo = np.arange(per_job) % half
             jobs.append(TransferJob.make(base, Direction.STORE, lo, lo))
             jobs.append(TransferJob.make(base + 1, Direction.LOAD, half + lo, half + lo))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for job in jobs:
-            engine.submit(job)
-        engine.wait([j.job_id for j in jobs])
-        wall = time.perf_counter() - t0
-        done = engine.poll()
-        assert all(x.success for x in done)
+        wall_gbps, _ = run_jobs(engine, jobs)
         if r:  # the first round warms up
-            results.append(sum(x.nbytes for x in done) / wall / GB)
+            results.append(wall_gbps)
     engine.shutdown()
     return float(statistics.median(results))
 

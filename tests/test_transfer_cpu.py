@@ -228,6 +228,30 @@ def test_job_id_is_reusable_only_after_poll_reported_it() -> None:
         engine.shutdown()
 
 
+def test_dropped_engine_is_freed_at_once_and_its_thread_finishes_queued_jobs() -> None:
+    import gc
+    import weakref
+
+    geometry = small_geometry()
+    cache = make_kv_cache(geometry, NUM_BLOCKS, "per_layer")
+    pool = torch.zeros(NUM_SLOTS, geometry.slot_bytes, dtype=torch.uint8)
+    engine = _engine(cache, geometry, pool)
+    thread = engine._thread
+    for i in range(NUM_SLOTS):
+        engine.submit(TransferJob.make(i, Direction.STORE, [i], [i]))
+    ref = weakref.ref(engine)
+    gc.disable()
+    try:
+        del engine
+        assert ref() is None, "the copy thread keeps the engine (and its pool view) alive"
+    finally:
+        gc.enable()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "a dropped engine's thread never stops"
+    for i in range(NUM_SLOTS):
+        assert torch.equal(host_page(pool, geometry, i, 0), cache.block_bytes(0, i))
+
+
 def test_geometry_mismatch_names_the_layer() -> None:
     geometry = small_geometry()
     cache = make_kv_cache(small_geometry(torch.bfloat16), NUM_BLOCKS, "per_layer")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Collection, Sequence
 
 import torch
 
 from kv_offload._native import load_native
-from kv_offload.transfer.base import Direction, TransferEngine, TransferError, TransferJob, TransferResult
+from kv_offload.transfer.base import TransferEngine, TransferError, TransferJob, TransferResult
 from kv_offload.transfer.plan import CopyBatch, PageRegion, build_copy_batch
 
 __all__ = ["CpuTransferEngine", "run_copy_batch"]
@@ -32,6 +33,57 @@ def run_copy_batch(batch: CopyBatch, num_threads: int) -> None:
     torch.ops.kv_offload.copy_segments(src, dst, sizes, num_threads)
 
 
+_Item = tuple[TransferJob, CopyBatch, float, torch.Tensor]
+
+
+class _State:
+    """What the copy thread shares with the engine. The thread holds only this (never the
+    engine), so a dropped engine is freed at once and its finalizer stops the thread."""
+
+    def __init__(self, num_threads: int) -> None:
+        self.num_threads = num_threads
+        self.jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self.done: list[TransferResult] = []
+        self.finished: set[int] = set()
+        self.in_flight: set[int] = set()
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def stop(self) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.jobs.put(None)  # behind every job already queued: those still run
+
+    def run(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            # The queued item holds the pool tensor: a job still runs into live memory when
+            # the engine was dropped after submitting it.
+            job, batch, submitted, _pool = item
+            error: str | None = None
+            try:
+                run_copy_batch(batch, self.num_threads)
+            except Exception as exc:  # reported as a failed job; the caller recomputes
+                error = f"{type(exc).__name__}: {exc}"
+            result = TransferResult(
+                job_id=job.job_id,
+                success=error is None,
+                nbytes=batch.total_bytes if error is None else 0,
+                seconds=time.perf_counter() - submitted,
+                direction=job.direction,
+                error=error,
+            )
+            del item, _pool
+            with self.cond:
+                self.done.append(result)
+                self.finished.add(job.job_id)
+                self.cond.notify_all()
+
+
 class CpuTransferEngine(TransferEngine):
     """Copies blocks between KV-cache pages in host memory and a host pool.
 
@@ -39,6 +91,9 @@ class CpuTransferEngine(TransferEngine):
         regions: the KV cache's page regions (``regions_from_layers``).
         pool: ``uint8[num_slots, slot_bytes]`` host pool tensor (a backend's ``open()``).
         num_threads: copy threads per job.
+
+    Dropping the engine without :meth:`shutdown` stops its thread once the jobs already
+    submitted have run.
     """
 
     def __init__(self, regions: Sequence[PageRegion], pool: torch.Tensor, *, num_threads: int = 2) -> None:
@@ -53,78 +108,47 @@ class CpuTransferEngine(TransferEngine):
         self._host_base = pool.data_ptr()
         self._slot_bytes = pool.stride(0)
         self._num_slots = pool.shape[0]
-        self._jobs: queue.SimpleQueue[tuple[TransferJob, CopyBatch, float] | None] = queue.SimpleQueue()
-        self._done: list[TransferResult] = []
-        self._finished: set[int] = set()
-        self._in_flight: set[int] = set()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kv_offload-cpu-copy", daemon=True)
+        self._state = _State(num_threads)
+        self._thread = threading.Thread(target=self._state.run, name="kv_offload-cpu-copy", daemon=True)
         self._thread.start()
+        weakref.finalize(self, self._state.stop)
 
     def plan(self, job: TransferJob) -> CopyBatch:
         return build_copy_batch(job, self.regions, self._host_base, self._slot_bytes, self._num_slots)
 
     def submit(self, job: TransferJob) -> None:
-        if self._closed:
+        state = self._state
+        if state.closed:
             raise TransferError("engine is shut down")
         batch = self.plan(job)  # validates ids before anything is queued
-        with self._cond:
+        with state.cond:
             # Checked again, and queued, under the lock that shutdown() takes: a job queued
             # behind the stop sentinel would never run and wait() on it would never return.
-            if self._closed:
+            if state.closed:
                 raise TransferError("engine is shut down")
-            if job.job_id in self._in_flight:
+            if job.job_id in state.in_flight:
                 raise TransferError(f"job {job.job_id} is already in flight")
-            self._in_flight.add(job.job_id)
-            self._jobs.put((job, batch, time.perf_counter()))
-
-    def _run(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, batch, submitted = item
-            error: str | None = None
-            try:
-                run_copy_batch(batch, self.num_threads)
-            except Exception as exc:  # reported as a failed job; the caller recomputes
-                error = f"{type(exc).__name__}: {exc}"
-            result = TransferResult(
-                job_id=job.job_id,
-                success=error is None,
-                nbytes=batch.total_bytes if error is None else 0,
-                seconds=time.perf_counter() - submitted,
-                direction=job.direction,
-                error=error,
-            )
-            with self._cond:
-                self._done.append(result)
-                self._finished.add(job.job_id)
-                self._cond.notify_all()
+            state.in_flight.add(job.job_id)
+            state.jobs.put((job, batch, time.perf_counter(), self.pool))
 
     def poll(self) -> list[TransferResult]:
-        with self._cond:
-            done, self._done = self._done, []
+        state = self._state
+        with state.cond:
+            done, state.done = state.done, []
             for r in done:
-                self._in_flight.discard(r.job_id)
-                self._finished.discard(r.job_id)
+                state.in_flight.discard(r.job_id)
+                state.finished.discard(r.job_id)
         return done
 
     def wait(self, job_ids: Collection[int]) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: all(j in self._finished or j not in self._in_flight for j in job_ids))
+        state = self._state
+        with state.cond:
+            state.cond.wait_for(lambda: all(j in state.finished or j not in state.in_flight for j in job_ids))
 
     def pending(self) -> int:
-        with self._cond:
-            return len(self._in_flight)
+        with self._state.cond:
+            return len(self._state.in_flight)
 
     def shutdown(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._jobs.put(None)  # behind every job already queued: those still run
+        self._state.stop()
         self._thread.join()
-
-

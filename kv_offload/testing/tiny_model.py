@@ -47,8 +47,8 @@ class ModelSize:
 SIZES: dict[str, ModelSize] = {
     # 3 M parameters: start-up in seconds; for tests.
     "tiny": ModelSize(4, 256, 4, 2, 512, 4096),
-    # ~30 M parameters: prefill of a few thousand tokens costs ~1 s on 2 cores; for the demo.
-    "demo": ModelSize(8, 768, 12, 4, 2048, 8192),
+    # ~21 M parameters: a 2000-token prefill costs about a second on 2 cores; for the demo.
+    "demo": ModelSize(6, 512, 8, 4, 1536, 8192),
 }
 
 

@@ -91,6 +91,20 @@ static inline vf touch_span(const char* lo, const char* hi, vf sink) {
   return Simd::add(sink, Simd::add(Simd::add(a0, a1), Simd::add(a2, a3)));
 }
 
+// The byte span holding chunk c's K and V when it is dense enough to stream as one range
+// (HND, CPU, dense new tokens); {nullptr, nullptr} otherwise (NHD rows interleave other heads).
+template <class KT>
+static inline void chunk_span(const Chunk<KT>& c, int d, int dv, const char** lo, const char** hi) {
+  constexpr int64_t es = sizeof(KT);
+  const char* k_lo = reinterpret_cast<const char*>(c.k);
+  const char* k_hi = k_lo + ((c.n - 1) * c.k_tok + (d - 1) * c.k_dim + 1) * es;
+  const char* v_lo = reinterpret_cast<const char*>(c.v);
+  const char* v_hi = v_lo + ((c.n - 1) * c.v_tok + dv) * es;
+  *lo = std::min(k_lo, v_lo);
+  *hi = std::max(k_hi, v_hi);
+  if (*hi - *lo > 2 * static_cast<int64_t>(c.n) * (d + dv) * es) *lo = *hi = nullptr;
+}
+
 // Touches chunk c's K and V: one span when K and V rows are dense enough (HND, CPU, dense
 // new tokens), else row by row (NHD, whose rows interleave the other heads).
 template <class KT>
@@ -141,6 +155,7 @@ static inline void qk_token_major(const float* q, int d, const KT* k, int64_t k_
     for (int t = 0; t < NT; ++t) kv[t] = Simd::load_cvt(k + t * k_tok + i);
     for (int r = 0; r < RT; ++r) {
       vf qv = Simd::load(q + r * dn + i);
+      Simd::keep_in_register(qv);  // one load for NT FMAs, not one folded into each
       for (int t = 0; t < NT; ++t) acc[r][t] = Simd::fma(qv, kv[t], acc[r][t]);
     }
   }
@@ -234,12 +249,22 @@ static void chunk_scores(const float* q, int rows, int d, const Chunk<KT>& c, fl
 
 // ---- P.V micro-kernel ----------------------------------------------------------------------
 
+// Lines of the next chunk still to prefetch; advanced a few lines per P.V token step so the
+// next chunk streams in while this one is computed (spread out: bursts stall the core).
+struct PrefetchCursor {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int per_step = 1;
+};
+
 template <class KT, int RT>
-static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv) {
+static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv,
+                           PrefetchCursor& pf) {
   vf a[RT][kDvVecs];
   for (int r = 0; r < RT; ++r)
     for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
   for (int t = 0; t < n; ++t) {
+    for (int i = 0; i < pf.per_step && pf.next < pf.end; ++i, pf.next += 64) Simd::prefetch(pf.next);
     vf vv[kDvVecs];
     for (int j = 0; j < kDvVecs; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
     for (int r = 0; r < RT; ++r) {
@@ -252,15 +277,15 @@ static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, fl
 }
 
 template <class KT>
-static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv) {
+static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv, PrefetchCursor& pf) {
   for (int d0 = 0; d0 < dv; d0 += 16) {
     int r0 = 0;
     for (; r0 + kRowTile <= rows; r0 += kRowTile)
-      pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv);
+      pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
     switch (rows - r0) {
-      case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv); break;
-      case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv); break;
-      case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv); break;
+      case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
       default: break;
     }
   }
@@ -298,6 +323,35 @@ static inline void softmax_row(float* s, int n, float& m, float& l, float* acc, 
 
 // ---- one work item -----------------------------------------------------------------------
 
+template <class KT>
+static inline Chunk<KT> make_chunk(const RowJob<KT>& job, int64_t p) {
+  const KVLayout& kv = *job.kv;
+  const int64_t bs = kv.block_size;
+  Chunk<KT> c;
+  c.pos = p;
+  if (p < job.prefix) {
+    const int64_t blk = p / bs, off = p % bs;
+    c.n = static_cast<int>(std::min<int64_t>({bs - off, job.p_hi - p, job.prefix - p, kChunk}));
+    const uint8_t* page =
+        kv.base + static_cast<int64_t>(job.block_ids[blk]) * kv.block_stride_bytes + kv.page_offset_bytes;
+    const KT* pg = reinterpret_cast<const KT*>(page);
+    c.k = pg + kv.k_off + job.head * kv.k_head + off * kv.k_token;
+    c.v = pg + kv.v_off + job.head * kv.v_head + off * kv.v_token;
+    c.k_tok = kv.k_token;
+    c.k_dim = kv.k_dim;
+    c.v_tok = kv.v_token;
+  } else {
+    const int64_t t = p - job.prefix;
+    c.n = static_cast<int>(std::min<int64_t>(job.p_hi - p, kChunk));
+    c.k = job.new_k + t * job.new_k_tok;
+    c.v = job.new_v + t * job.new_v_tok;
+    c.k_tok = job.new_k_tok;
+    c.k_dim = 1;
+    c.v_tok = job.new_v_tok;
+  }
+  return c;
+}
+
 template <class KT, int DC>
 static void attend(const RowJob<KT>& job, Scratch& sc) {
   const int rows = job.rows, d = job.d, dv = job.dv;
@@ -309,32 +363,27 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   float* s = sc.s.data();
   vf sink = Simd::zero();
   int64_t p = job.p_lo;
+  bool prefetched = false;  // this chunk's lines were prefetched during the previous one
   while (p < job.p_hi) {
-    Chunk<KT> c;
-    c.pos = p;
-    if (p < job.prefix) {
-      const int64_t blk = p / bs, off = p % bs;
-      c.n = static_cast<int>(std::min<int64_t>({bs - off, job.p_hi - p, job.prefix - p, kChunk}));
-      const uint8_t* page = kv.base + static_cast<int64_t>(job.block_ids[blk]) * kv.block_stride_bytes +
-                            kv.page_offset_bytes;
-      const KT* pg = reinterpret_cast<const KT*>(page);
-      c.k = pg + kv.k_off + job.head * kv.k_head + off * kv.k_token;
-      c.v = pg + kv.v_off + job.head * kv.v_head + off * kv.v_token;
-      c.k_tok = kv.k_token;
-      c.k_dim = kv.k_dim;
-      c.v_tok = kv.v_token;
-    } else {
-      const int64_t t = p - job.prefix;
-      c.n = static_cast<int>(std::min<int64_t>(job.p_hi - p, kChunk));
-      c.k = job.new_k + t * job.new_k_tok;
-      c.v = job.new_v + t * job.new_v_tok;
-      c.k_tok = job.new_k_tok;
-      c.k_dim = 1;
-      c.v_tok = job.new_v_tok;
-    }
+    const Chunk<KT> c = make_chunk(job, p);
     const int n = c.n;
     const int nv = (n + W - 1) / W * W;
-    sink = touch_chunk(c.k, c.k_tok, c.k_dim, c.v, c.v_tok, n, d, dv, sink);
+    if (!prefetched) sink = touch_chunk(c.k, c.k_tok, c.k_dim, c.v, c.v_tok, n, d, dv, sink);
+    PrefetchCursor pf;
+    prefetched = false;
+    if (p + n < job.p_hi) {
+      const Chunk<KT> next = make_chunk(job, p + n);
+      const char *lo, *hi;
+      chunk_span(next, d, dv, &lo, &hi);
+      if (lo != nullptr) {
+        pf.next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
+        pf.end = hi;
+        const int64_t lines = (hi - pf.next + 63) / 64;
+        const int64_t steps = static_cast<int64_t>((dv / 16) * ((rows + kRowTile - 1) / kRowTile)) * n;
+        pf.per_step = static_cast<int>((lines + steps - 1) / steps);
+        prefetched = true;
+      }
+    }
     chunk_scores<KT, DC>(sc.q.data(), rows, d, c, s);
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kSStride;
@@ -346,7 +395,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
       }
       softmax_row(sr, n, sc.m[r], sc.l[r], sc.acc.data() + static_cast<size_t>(r) * dv, dv);
     }
-    chunk_pv<KT>(s, rows, c, sc.acc.data(), dv);
+    chunk_pv<KT>(s, rows, c, sc.acc.data(), dv, pf);
     p += n;
   }
   sc.sink = Simd::hsum(sink);  // keeps the touch loads alive

@@ -16,6 +16,7 @@ struct Simd {
   static constexpr int W = 8;
   static inline vf zero() { return _mm256_setzero_ps(); }
   static inline vf set1(float x) { return _mm256_set1_ps(x); }
+  static inline void keep_in_register(vf& v) { __asm__("" : "+x"(v)); }
   static inline vf load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
   static inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }

@@ -16,6 +16,7 @@ struct Simd {
   static constexpr int W = 16;
   static inline vf zero() { return _mm512_setzero_ps(); }
   static inline vf set1(float x) { return _mm512_set1_ps(x); }
+  static inline void keep_in_register(vf& v) { __asm__("" : "+v"(v)); }
   static inline vf load(const float* p) { return _mm512_loadu_ps(p); }
   static inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
   static inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }

@@ -17,6 +17,7 @@ struct Simd {
   static constexpr int W = 4;
   static inline vf zero() { return vdupq_n_f32(0.0f); }
   static inline vf set1(float x) { return vdupq_n_f32(x); }
+  static inline void keep_in_register(vf& v) { (void)v; }
   static inline vf load(const float* p) { return vld1q_f32(p); }
   static inline void store(float* p, vf v) { vst1q_f32(p, v); }
   static inline vf fma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }

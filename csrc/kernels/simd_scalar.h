@@ -17,6 +17,7 @@ struct Simd {
   static constexpr int W = 1;
   static inline vf zero() { return 0.0f; }
   static inline vf set1(float x) { return x; }
+  static inline void keep_in_register(vf& v) { (void)v; }
   static inline vf load(const float* p) { return *p; }
   static inline void store(float* p, vf v) { *p = v; }
   static inline vf fma(vf a, vf b, vf c) { return a * b + c; }

@@ -1,0 +1,219 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The connector's two halves without vLLM: planning, fences, settling, and real copies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from kv_offload.config import OffloadConfig
+from kv_offload.geometry import KVGeometry, PageFormat
+from kv_offload.manager import OffloadManager
+from kv_offload.policies.lru import LRUPolicy
+from kv_offload.vllm.metadata import JobOutcome, StepPlan, TransferReport
+from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
+from kv_offload.vllm.worker import WorkerHalf
+
+BS = 128
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt: list[int]
+    output: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def block_hashes(self) -> list[bytes]:
+        tokens = self.prompt + self.output
+        return [bytes(str(tokens[: (i + 1) * BS]), "ascii")[-32:] + bytes([i]) for i in range(len(tokens) // BS)]
+
+
+def _half(slots: int = 16, world_size: int = 1, **cfg: object) -> SchedulerHalf:
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", **cfg})
+    return SchedulerHalf(config, OffloadManager(slots, LRUPolicy(slots)), block_size=BS, world_size=world_size)
+
+
+def _ok(plan: StepPlan, success: bool = True) -> TransferReport:
+    jobs = [(j, False) for j in plan.stores] + [(j, True) for j in plan.loads]
+    return TransferReport([JobOutcome(j.job_id, success, 100 * len(j.slots), 0.001, load) for j, load in jobs])
+
+
+def _prefill(half: SchedulerHalf, req: FakeRequest, blocks: list[int]) -> StepPlan:
+    half.on_alloc(req, blocks, 0)
+    plan = half.build_plan([ScheduledRequest(req, req.num_computed_tokens, req.num_tokens, blocks)])
+    req.num_computed_tokens = req.num_tokens
+    return plan
+
+
+def test_full_prompt_blocks_are_stored_once_and_settle() -> None:
+    half = _half()
+    req = FakeRequest("a", list(range(300)))
+    plan = _prefill(half, req, [4, 5, 6])
+    assert len(plan.stores) == 1 and plan.stores[0].device_blocks == (4, 5)  # the partial block stays
+    assert not plan.loads and not plan.flush
+    assert half.manager.num_writing == 2
+    # Decode steps add no prompt blocks: nothing new to store.
+    again = half.build_plan([ScheduledRequest(req, 300, 1, [4, 5, 6])])
+    assert not again.stores
+    half.on_report(_ok(plan))
+    half.check_settled()
+    assert half.manager.num_used == 2
+    assert half.take_counters().stored_blocks == 2
+
+
+def test_pool_hit_is_loaded_asynchronously_leaving_one_token_to_compute() -> None:
+    half = _half()
+    first = FakeRequest("a", list(range(256)))
+    half.on_report(_ok(_prefill(half, first, [1, 2])))
+    second = FakeRequest("b", list(range(256)))  # same prompt: 2 full blocks in the pool
+    assert half.match(second, 0) == (128, True)  # the last block holds the token to compute
+    half.on_alloc(second, [7, 8], 128)
+    plan = half.build_plan([])
+    (load,) = plan.loads
+    assert load.device_blocks == (7,) and load.req_id == "b"
+    assert half.manager.num_reading == 1
+    half.on_report(_ok(plan))
+    half.check_settled()
+    assert half.take_counters().hit_tokens == 128
+    third = FakeRequest("c", list(range(256)) + [1] * 10)
+    assert half.match(third, 128) == (128, True)  # after vLLM's own one-block hit
+    assert half.match(FakeRequest("d", [9] * 300), 0) == (0, False)
+
+
+def test_min_load_tokens_skips_short_hits() -> None:
+    half = _half(min_load_tokens=256)
+    half.on_report(_ok(_prefill(half, FakeRequest("a", list(range(300))), [1, 2, 3])))
+    assert half.match(FakeRequest("b", list(range(200))), 0) == (0, False)
+    assert half.match(FakeRequest("c", list(range(300))), 0) == (256, True)
+
+
+def test_pending_store_fences_a_block_written_again() -> None:
+    half = _half()
+    a = FakeRequest("a", list(range(300)))
+    store = _prefill(half, a, [4, 5, 6]).stores[0]
+    half.on_finished(a)  # vLLM frees blocks 4, 5, 6 at once; the store still reads 4 and 5
+    b = FakeRequest("b", [7] * 200)
+    plan = half.build_plan([ScheduledRequest(b, 0, 200, [5, 9])])  # block 5 reused
+    assert plan.flush == (store.job_id,)
+    # Zeroed fresh blocks and load destinations are writes too.
+    assert half.build_plan([], zeroed_blocks=[4]).flush == (store.job_id,)
+    assert half.build_plan([ScheduledRequest(b, 200, 1, [5, 9])]).flush == ()  # block 9 only
+    half.on_report(_ok(StepPlan(stores=(store,))))
+    assert half.build_plan([], zeroed_blocks=[4]).flush == ()
+    (b_store,) = [job for job in plan.stores]  # b's own first block (5) is full: it is stored too
+    assert half.build_plan([], zeroed_blocks=[5]).flush == (b_store.job_id,)
+    half.on_report(_ok(StepPlan(stores=(b_store,))))
+    half.check_settled()
+
+
+def test_failed_jobs_free_slots_and_count() -> None:
+    half = _half()
+    plan = _prefill(half, FakeRequest("a", list(range(256))), [1, 2])
+    half.on_report(_ok(plan, success=False))
+    half.check_settled()
+    assert half.manager.num_used == 0
+    half.on_report(_ok(_prefill(half, FakeRequest("b", list(range(256))), [1, 2])))
+    c = FakeRequest("c", list(range(256)))
+    half.match(c, 0)
+    half.on_alloc(c, [3, 4], 128)
+    half.on_report(_ok(half.build_plan([]), success=False))
+    half.check_settled()
+    counters = half.take_counters()
+    assert counters.failed_stores == 1 and counters.failed_loads == 1
+    assert half.manager.stats.load_failures == 1
+
+
+def test_jobs_settle_only_when_every_worker_reported() -> None:
+    half = _half(world_size=2)
+    plan = _prefill(half, FakeRequest("a", list(range(256))), [1, 2])
+    half.on_report(_ok(plan))
+    assert half.num_pending_jobs == 1 and half.manager.num_writing == 2
+    half.on_report(_ok(plan))
+    half.check_settled()
+
+
+def test_full_pool_skips_stores_and_evicts_idle_blocks() -> None:
+    half = _half(slots=2)
+    half.on_report(_ok(_prefill(half, FakeRequest("a", list(range(256))), [1, 2])))
+    b = FakeRequest("b", [5] * 256)
+    plan = _prefill(half, b, [3, 4])  # evicts a's two idle blocks
+    assert len(plan.stores[0].slots) == 2
+    assert half.take_counters().evicted_blocks == 2
+    c = FakeRequest("c", [6] * 256)
+    assert not _prefill(half, c, [5, 6]).stores  # b's blocks are still being written
+    assert half.take_counters().stores_skipped == 2
+    half.on_report(_ok(plan))
+    half.check_settled()
+
+
+# -- worker half: real copies through the CPU engine -------------------------------------------
+GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_size=8, block_size=BS, dtype=torch.float32,
+                  page_format=PageFormat.CPU)  # fmt: skip
+
+
+def _layers() -> list[torch.Tensor]:
+    return [torch.randn(8, 2, BS, 16) for _ in range(2)]
+
+
+def _settle(worker: WorkerHalf, n: int) -> TransferReport:
+    outcomes: list[JobOutcome] = []
+    deadline = time.monotonic() + 10
+    while len(outcomes) < n and time.monotonic() < deadline:
+        worker.poll()
+        report = worker.take_report()
+        outcomes += report.outcomes if report else []
+        time.sleep(0.001)
+    assert len(outcomes) == n
+    return TransferReport(outcomes)
+
+
+def test_worker_stores_then_loads_blocks_byte_for_byte() -> None:
+    from kv_offload.vllm.metadata import JobSpec
+
+    worker = WorkerHalf(OffloadConfig.from_dict({"cpu_bytes": "1MiB"}), GEOM)
+    layers = _layers()
+    worker.register(layers)
+    expected = [t[[1, 2]].clone() for t in layers]
+    worker.submit_stores(StepPlan(stores=(JobSpec(1, (1, 2), (0, 3)),)))
+    assert all(o.success for o in _settle(worker, 1).outcomes)
+    worker.flush(StepPlan(flush=(1,)))  # already done: returns at once
+    worker.start_loads(StepPlan(loads=(JobSpec(2, (6, 5), (0, 3), req_id="r"),)))
+    report = _settle(worker, 1)
+    assert report.outcomes[0].success and report.outcomes[0].nbytes == 2 * GEOM.block_bytes
+    assert worker.take_finished_recving() == {"r"}
+    assert worker.take_invalid_blocks() == set()
+    for t, e in zip(layers, expected):
+        assert torch.equal(t[6], e[0]) and torch.equal(t[5], e[1])
+    worker.shutdown()
+
+
+@pytest.mark.parametrize("bad", ["injected", "out_of_range"])
+def test_worker_failed_load_reports_request_and_blocks(bad: str) -> None:
+    from kv_offload.vllm.metadata import JobSpec
+
+    cfg = {"cpu_bytes": "1MiB", "fail_load_every": 1} if bad == "injected" else {"cpu_bytes": "1MiB"}
+    worker = WorkerHalf(OffloadConfig.from_dict(cfg), GEOM)
+    layers = _layers()
+    worker.register(layers)
+    slot = 10_000 if bad == "out_of_range" else 0
+    worker.start_loads(StepPlan(loads=(JobSpec(1, (3, 4), (slot, 1), req_id="r"),)))
+    report = _settle(worker, 1)
+    assert not report.outcomes[0].success
+    assert worker.take_finished_recving() == {"r"}
+    assert worker.take_invalid_blocks() == {3, 4}
+    if bad == "injected":
+        assert torch.isnan(layers[0][3]).all()
+    worker.shutdown()

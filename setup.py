@@ -78,6 +78,9 @@ class BuildWithISAs(BuildExtension):
 ext = CppExtension(
     name="kv_offload._C",
     sources=_sources(),
+    # The per-ISA kernel TUs are linked as extra objects, which setuptools' up-to-date check
+    # does not look at: list every kernel file so an edit there relinks _C.
+    depends=sorted(glob.glob(os.path.join("csrc", "kernels", "*"))),
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args=COMMON_FLAGS,
 )

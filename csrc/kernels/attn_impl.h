@@ -44,7 +44,7 @@ constexpr int W = Simd::W;
 constexpr int kDvVecs = 16 / W;  // V dims per P.V tile = 16 (head sizes are multiples of 16)
 
 struct Scratch {
-  std::vector<float> q, s, acc, m, l;
+  std::vector<float> q, s, acc, m, l, kbuf, vbuf;
   std::vector<int64_t> lo, hi;
   float sink = 0.0f;
   void ensure(int rows, int d, int dv) {
@@ -57,6 +57,8 @@ struct Scratch {
     }
     if (q.size() < static_cast<size_t>(rows) * d) q.resize(static_cast<size_t>(rows) * d);
     if (acc.size() < static_cast<size_t>(rows) * dv) acc.resize(static_cast<size_t>(rows) * dv);
+    if (kbuf.size() < static_cast<size_t>(kChunk) * d) kbuf.resize(static_cast<size_t>(kChunk) * d);
+    if (vbuf.size() < static_cast<size_t>(kChunk) * dv) vbuf.resize(static_cast<size_t>(kChunk) * dv);
   }
 };
 
@@ -352,6 +354,48 @@ static inline Chunk<KT> make_chunk(const RowJob<KT>& job, int64_t p) {
   return c;
 }
 
+// Converts n elements to fp32.
+template <class KT>
+static inline void convert_row(const KT* src, float* dst, int n) {
+  int i = 0;
+  for (; i + W <= n; i += W) Simd::store(dst + i, Simd::load_cvt(src + i));
+  for (; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+// For many rows (prefill): chunk c as fp32 K^T (rows of kChunk floats) and V rows, so the
+// Q.K tiles broadcast Q over token vectors (no horizontal sums) and nothing is converted
+// again for each row tile.
+template <class KT>
+static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, float* vbuf) {
+  Chunk<float> f;
+  f.n = c.n;
+  f.pos = c.pos;
+  f.k = kbuf;
+  f.k_tok = 1;
+  f.k_dim = kChunk;
+  f.v = vbuf;
+  f.v_tok = dv;
+  const int n = c.n;
+  int t0 = 0;
+  if (c.k_tok == 1) {
+    for (int i = 0; i < d; ++i) convert_row(c.k + i * c.k_dim, kbuf + static_cast<size_t>(i) * kChunk, n);
+    t0 = n;
+  } else if constexpr (W == 8) {
+    if (c.k_dim == 1) {
+      for (; t0 + 8 <= n; t0 += 8)
+        for (int i = 0; i < d; i += 8) {
+          vf rows8[8];
+          for (int j = 0; j < 8; ++j) rows8[j] = Simd::load_cvt(c.k + (t0 + j) * c.k_tok + i);
+          Simd::transpose8_store(rows8, kbuf + static_cast<size_t>(i) * kChunk + t0, kChunk);
+        }
+    }
+  }
+  for (int t = t0; t < n; ++t)
+    for (int i = 0; i < d; ++i) kbuf[static_cast<size_t>(i) * kChunk + t] = to_f32(c.k[t * c.k_tok + i * c.k_dim]);
+  for (int t = 0; t < n; ++t) convert_row(c.v + t * c.v_tok, vbuf + static_cast<size_t>(t) * dv, dv);
+  return f;
+}
+
 template <class KT, int DC>
 static void attend(const RowJob<KT>& job, Scratch& sc) {
   const int rows = job.rows, d = job.d, dv = job.dv;
@@ -384,7 +428,14 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
         prefetched = true;
       }
     }
-    chunk_scores<KT, DC>(sc.q.data(), rows, d, c, s);
+    const bool staged = rows > kRowTile;
+    Chunk<float> f{};
+    if (staged) {
+      f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());
+      chunk_scores<float, DC>(sc.q.data(), rows, d, f, s);
+    } else {
+      chunk_scores<KT, DC>(sc.q.data(), rows, d, c, s);
+    }
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kSStride;
       for (int t = n; t < nv; ++t) sr[t] = kNegInf;
@@ -395,7 +446,10 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
       }
       softmax_row(sr, n, sc.m[r], sc.l[r], sc.acc.data() + static_cast<size_t>(r) * dv, dv);
     }
-    chunk_pv<KT>(s, rows, c, sc.acc.data(), dv, pf);
+    if (staged)
+      chunk_pv<float>(s, rows, f, sc.acc.data(), dv, pf);
+    else
+      chunk_pv<KT>(s, rows, c, sc.acc.data(), dv, pf);
     p += n;
   }
   sc.sink = Simd::hsum(sink);  // keeps the touch loads alive

@@ -30,6 +30,7 @@ struct Simd {
     const vf v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
     for (int i = 0; i < 8; ++i) out[i] = _mm512_reduce_add_ps(v[i]);
   }
+  static inline void transpose8_store(const vf*, float*, int64_t) {}  // only used when W == 8
   static inline vf exp2(vf x) {
     __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-125.0f)), _mm512_set1_ps(127.0f));

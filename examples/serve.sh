@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Serve a model through vLLM's OpenAI server with kv-offload's connector and a 4 GiB pool
 # (vLLM's own KV cache: 256 MiB; on the CPU platform size it explicitly, or vLLM reserves
 # --gpu-memory-utilization of the host's memory).

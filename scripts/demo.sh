@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The README's main-job command: set up (idempotent), then run the demo. It builds a small
 # random-weight model offline, serves it through vLLM's OpenAI server with and without
 # KVOffloadConnector, asks about long documents in turn, and prints a TTFT table.

@@ -34,7 +34,7 @@ namespace cpu_attn {
 namespace KVO_ISA {
 
 constexpr int kChunk = 64;                // most tokens handled per chunk
-constexpr int kRowTile = 4;               // query rows per register tile
+constexpr int kRowTile = 6;               // query rows per register tile (12 accumulators)
 constexpr int kSStride = kChunk + 16;     // row stride of the score buffer
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -196,8 +196,7 @@ static inline void qk_token_major_rows(const float* q, int rows, int d, const KT
                                        float* s) {
   const int dn = DC ? DC : d;
   int r0 = 0;
-  for (; r0 + kRowTile <= rows; r0 += kRowTile)
-    qk_token_major<KT, DC, kRowTile, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
+  for (; r0 + 4 <= rows; r0 += 4) qk_token_major<KT, DC, 4, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
   switch (rows - r0) {
     case 3: qk_token_major<KT, DC, 3, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
     case 2: qk_token_major<KT, DC, 2, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
@@ -214,6 +213,8 @@ static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* 
   for (; r0 + kRowTile <= rows; r0 += kRowTile)
     qk_dim_major<KT, DC, kRowTile, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
   switch (rows - r0) {
+    case 5: qk_dim_major<KT, DC, 5, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 4: qk_dim_major<KT, DC, 4, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
     case 3: qk_dim_major<KT, DC, 3, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
     case 2: qk_dim_major<KT, DC, 2, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
     case 1: qk_dim_major<KT, DC, 1, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
@@ -285,6 +286,8 @@ static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, i
     for (; r0 + kRowTile <= rows; r0 += kRowTile)
       pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
     switch (rows - r0) {
+      case 5: pv_tile<KT, 5>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 4: pv_tile<KT, 4>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
       case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
       case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
       case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
@@ -428,7 +431,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
         prefetched = true;
       }
     }
-    const bool staged = rows > kRowTile;
+    const bool staged = rows > 4;
     Chunk<float> f{};
     if (staged) {
       f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());

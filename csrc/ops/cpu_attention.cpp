@@ -246,7 +246,7 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
   const int64_t g = hq / kv.num_kv_heads;
   // About 32 query rows (tokens x heads of a group) per item: K/V chunks are reused across
   // them from L1/L2. Items of later tokens (longer causal range) go first.
-  const int32_t per_item = static_cast<int32_t>(std::max<int64_t>(1, 32 / g));
+  const int32_t per_item = static_cast<int32_t>(std::max<int64_t>(1, 36 / g));
   std::vector<int32_t> item_seq, item_tok;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int32_t n = qsl[b + 1] - qsl[b];

@@ -82,7 +82,11 @@ ext = CppExtension(
     # does not look at: list every kernel file so an edit there relinks _C.
     depends=sorted(glob.glob(os.path.join("csrc", "kernels", "*"))),
     include_dirs=[os.path.join(ROOT, "csrc")],
-    extra_compile_args=COMMON_FLAGS,
+    # at::parallel_for is inline in torch's headers (OpenMP backend): without -fopenmp its
+    # `#pragma omp parallel` is dropped and every op runs on one thread. The GOMP symbols
+    # resolve at load time to the libgomp torch already loaded (not linked here, so the two
+    # never disagree about the thread pool).
+    extra_compile_args=COMMON_FLAGS + (["-fopenmp"] if platform.system() == "Linux" else []),
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildWithISAs.with_options(use_ninja=False)})

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -119,3 +121,18 @@ def test_prefill_bad_query_start_loc_and_kv_dtype() -> None:
         paged_prefill_attention(q, k, v, torch.tensor([0, 2, 4]), cache, table, lens, g, 1)
     with pytest.raises(TypeError, match="key dtype torch.bfloat16 must equal the KV dtype"):
         paged_prefill_attention(q, k.bfloat16(), v, torch.tensor([0, 2, 5]), cache, table, lens, g, 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux CPU affinity")
+def test_pin_threads_to_numa_node() -> None:
+    from kv_offload.attention import pin_threads_to_numa_node
+    from kv_offload.pool.numa import node_cpus, numa_nodes
+
+    before = os.sched_getaffinity(0)
+    node = numa_nodes()[0]
+    try:
+        pinned = pin_threads_to_numa_node(node)
+        assert pinned >= 1
+        assert os.sched_getaffinity(0) == set(node_cpus(node))
+    finally:
+        os.sched_setaffinity(0, before)

@@ -405,8 +405,6 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   std::fill(sc.acc.begin(), sc.acc.begin() + static_cast<size_t>(rows) * dv, 0.0f);
   std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
   std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
-  const KVLayout& kv = *job.kv;
-  const int64_t bs = kv.block_size;
   float* s = sc.s.data();
   vf sink = Simd::zero();
   int64_t p = job.p_lo;

@@ -24,11 +24,24 @@ struct Simd {
   static inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
   static inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
   static inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
-  static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
-  static inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
+  // Reductions by halves (GCC 12's _mm512_reduce_* warn about uninitialized temporaries).
+  static inline float hsum(vf v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float hmax(vf v) {
+    __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
   static inline void hsum8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7, float* out) {
     const vf v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
-    for (int i = 0; i < 8; ++i) out[i] = _mm512_reduce_add_ps(v[i]);
+    for (int i = 0; i < 8; ++i) out[i] = hsum(v[i]);
   }
   static inline void transpose8_store(const vf*, float*, int64_t) {}  // only used when W == 8
   static inline vf exp2(vf x) {

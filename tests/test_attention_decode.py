@@ -105,3 +105,14 @@ def test_isa_paths_agree() -> None:
     for other in outs[1:]:
         # Same fp32 math up to summation order and exp rounding; outputs are bf16-rounded.
         torch.testing.assert_close(other, outs[0], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
+def test_decode_query_and_kv_dtypes_may_differ(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    g = make_geometry(kv_dtype, PageFormat.HND, head_size=64, block_size=BS)
+    case = make_paged(g, RAGGED, seed=13)
+    q = torch.randn(len(RAGGED), 8, 64).to(q_dtype)
+    out = paged_decode_attention(q, case.cache, case.table, case.lens, g, case.layer)
+    assert out.dtype == q_dtype
+    ref = decode_attention_ref(q, case.cache, case.table, case.lens, g, case.layer)
+    assert_close_to_oracle(out, ref, torch_lowp_decode(q, case) if q_dtype != torch.float32 else None)

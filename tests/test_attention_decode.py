@@ -34,15 +34,19 @@ def test_decode_dtypes_formats(isa: str, fmt: PageFormat, dtype: torch.dtype) ->
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("head_size", [16, 48, 64, 128, 256])
-@pytest.mark.parametrize("group", [1, 3, 8])
-def test_decode_head_sizes_and_gqa(isa: str, head_size: int, group: int) -> None:
-    g = make_geometry(torch.float32, PageFormat.HND, head_size=head_size, num_kv_heads=2, block_size=BS)
+@pytest.mark.parametrize("group", [1, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_head_sizes_and_gqa(isa: str, head_size: int, group: int, dtype: torch.dtype) -> None:
+    # Groups of 3 and 5 leave partial row tiles; 17 and 70 tokens leave partial token tiles
+    # (the Q.K kernels take tokens 2 or 3 at a time and rows 4 at a time).
+    g = make_geometry(dtype, PageFormat.HND, head_size=head_size, num_kv_heads=2, block_size=BS)
     lens = [1, 17, 70]
     case = make_paged(g, lens, seed=head_size + group)
-    q = torch.randn(len(lens), 2 * group, head_size)
+    q = torch.randn(len(lens), 2 * group, head_size).to(dtype)
     out = paged_decode_attention(q, case.cache, case.table, case.lens, g, case.layer, isa=isa, scale=0.3)
     ref = decode_attention_ref(q, case.cache, case.table, case.lens, g, case.layer, scale=0.3)
-    assert_close_to_oracle(out, ref, None)
+    lowp = None if dtype == torch.float32 else torch_lowp_decode(q, case, scale=0.3)
+    assert_close_to_oracle(out, ref, lowp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

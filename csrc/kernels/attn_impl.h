@@ -24,27 +24,19 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu_attn.h"
 #include "kernels/scalar_cvt.h"
+#include "kernels/attn_micro.h"
 
 namespace kv_offload {
 namespace cpu_attn {
 namespace KVO_ISA {
 
-constexpr int kChunk = 64;                // most tokens handled per chunk
-constexpr int kRowTile = 6;               // query rows per register tile (12 accumulators)
-constexpr int kSStride = kChunk + 16;     // row stride of the score buffer
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-using vf = Simd::vf;
-constexpr int W = Simd::W;
-constexpr int kDvVecs = 16 / W;  // V dims per P.V tile = 16 (head sizes are multiples of 16)
-
 struct Scratch {
-  std::vector<float> q, s, acc, m, l, kbuf, vbuf;
+  std::vector<float> q, qp, s, acc, m, l, kbuf, vbuf;
   std::vector<int64_t> lo, hi;
   float sink = 0.0f;
   void ensure(int rows, int d, int dv) {
@@ -55,7 +47,10 @@ struct Scratch {
       hi.resize(rows);
       s.resize(static_cast<size_t>(rows) * kSStride);
     }
-    if (q.size() < static_cast<size_t>(rows) * d) q.resize(static_cast<size_t>(rows) * d);
+    if (q.size() < static_cast<size_t>(rows) * d) {
+      q.resize(static_cast<size_t>(rows) * d);
+      qp.resize(static_cast<size_t>(rows) * d);
+    }
     if (acc.size() < static_cast<size_t>(rows) * dv) acc.resize(static_cast<size_t>(rows) * dv);
     if (kbuf.size() < static_cast<size_t>(kChunk) * d) kbuf.resize(static_cast<size_t>(kChunk) * d);
     if (vbuf.size() < static_cast<size_t>(kChunk) * dv) vbuf.resize(static_cast<size_t>(kChunk) * dv);
@@ -67,15 +62,6 @@ static Scratch& scratch() {
   return s;
 }
 
-// One contiguous run of KV positions [pos, pos + n) of one KV head.
-template <class KT>
-struct Chunk {
-  const KT* k;  // element (token pos, dim 0)
-  const KT* v;
-  int64_t k_tok, k_dim, v_tok;
-  int n;
-  int64_t pos;
-};
 
 // Reads every 64-byte line of [lo, hi) with independent loads (like a read-bandwidth loop),
 // so a chunk streams from DRAM at full rate before the compute loops, whose FMA dependency
@@ -142,159 +128,6 @@ struct RowJob {
   int64_t new_k_tok, new_v_tok;
   int64_t p_lo, p_hi;  // union of the rows' visible ranges
 };
-
-// ---- Q.K micro-kernels -----------------------------------------------------------------
-
-// Token-major K (dim stride 1): RT rows x NT tokens of dot products over D.
-template <class KT, int DC, int RT, int NT>
-static inline void qk_token_major(const float* q, int d, const KT* k, int64_t k_tok, float* s) {
-  const int dn = DC ? DC : d;
-  vf acc[RT][NT];
-  for (int r = 0; r < RT; ++r)
-    for (int t = 0; t < NT; ++t) acc[r][t] = Simd::zero();
-  for (int i = 0; i < dn; i += W) {
-    vf kv[NT];
-    for (int t = 0; t < NT; ++t) kv[t] = Simd::load_cvt(k + t * k_tok + i);
-    for (int r = 0; r < RT; ++r) {
-      vf qv = Simd::load(q + r * dn + i);
-      Simd::keep_in_register(qv);  // one load for NT FMAs, not one folded into each
-      for (int t = 0; t < NT; ++t) acc[r][t] = Simd::fma(qv, kv[t], acc[r][t]);
-    }
-  }
-  if constexpr (RT * NT == 8) {
-    float out[8];
-    Simd::hsum8(acc[0][0], acc[0][1], acc[1][0], acc[1][1], acc[2][0], acc[2][1], acc[3][0], acc[3][1], out);
-    for (int r = 0; r < RT; ++r)
-      for (int t = 0; t < NT; ++t) s[r * kSStride + t] = out[r * NT + t];
-  } else {
-    for (int r = 0; r < RT; ++r)
-      for (int t = 0; t < NT; ++t) s[r * kSStride + t] = Simd::hsum(acc[r][t]);
-  }
-}
-
-// Dim-major K (token stride 1): RT rows x NV vectors of W tokens, broadcasting Q.
-template <class KT, int DC, int RT, int NV>
-static inline void qk_dim_major(const float* q, int d, const KT* k, int64_t k_dim, float* s) {
-  const int dn = DC ? DC : d;
-  vf acc[RT][NV];
-  for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = Simd::zero();
-  for (int i = 0; i < dn; ++i) {
-    vf kv[NV];
-    for (int j = 0; j < NV; ++j) kv[j] = Simd::load_cvt(k + i * k_dim + j * W);
-    for (int r = 0; r < RT; ++r) {
-      vf qb = Simd::set1(q[r * dn + i]);
-      for (int j = 0; j < NV; ++j) acc[r][j] = Simd::fma(qb, kv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < NV; ++j) Simd::store(s + r * kSStride + j * W, acc[r][j]);
-}
-
-template <class KT, int DC, int NT>
-static inline void qk_token_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_tok,
-                                       float* s) {
-  const int dn = DC ? DC : d;
-  int r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) qk_token_major<KT, DC, 4, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
-  switch (rows - r0) {
-    case 3: qk_token_major<KT, DC, 3, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    case 2: qk_token_major<KT, DC, 2, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    case 1: qk_token_major<KT, DC, 1, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    default: break;
-  }
-}
-
-template <class KT, int DC, int NV>
-static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_dim,
-                                     float* s) {
-  const int dn = DC ? DC : d;
-  int r0 = 0;
-  for (; r0 + kRowTile <= rows; r0 += kRowTile)
-    qk_dim_major<KT, DC, kRowTile, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
-  switch (rows - r0) {
-    case 5: qk_dim_major<KT, DC, 5, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 4: qk_dim_major<KT, DC, 4, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 3: qk_dim_major<KT, DC, 3, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 2: qk_dim_major<KT, DC, 2, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 1: qk_dim_major<KT, DC, 1, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    default: break;
-  }
-}
-
-// S[rows][0..n) = Q K^T for one chunk.
-template <class KT, int DC>
-static void chunk_scores(const float* q, int rows, int d, const Chunk<KT>& c, float* s) {
-  const int n = c.n;
-  if (c.k_dim == 1) {
-    int t = 0;
-    for (; t + 2 <= n; t += 2) qk_token_major_rows<KT, DC, 2>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
-    if (t < n) qk_token_major_rows<KT, DC, 1>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
-  } else if (c.k_tok == 1) {
-    int t = 0;
-    for (; t + 2 * W <= n; t += 2 * W) qk_dim_major_rows<KT, DC, 2>(q, rows, d, c.k + t, c.k_dim, s + t);
-    for (; t + W <= n; t += W) qk_dim_major_rows<KT, DC, 1>(q, rows, d, c.k + t, c.k_dim, s + t);
-    for (; t < n; ++t)
-      for (int r = 0; r < rows; ++r) {
-        float acc = 0.0f;
-        for (int i = 0; i < d; ++i) acc += q[r * d + i] * to_f32(c.k[i * c.k_dim + t]);
-        s[r * kSStride + t] = acc;
-      }
-  } else {  // any other strides: plain loops
-    for (int t = 0; t < n; ++t)
-      for (int r = 0; r < rows; ++r) {
-        float acc = 0.0f;
-        for (int i = 0; i < d; ++i) acc += q[r * d + i] * to_f32(c.k[t * c.k_tok + i * c.k_dim]);
-        s[r * kSStride + t] = acc;
-      }
-  }
-}
-
-// ---- P.V micro-kernel ----------------------------------------------------------------------
-
-// Lines of the next chunk still to prefetch; advanced a few lines per P.V token step so the
-// next chunk streams in while this one is computed (spread out: bursts stall the core).
-struct PrefetchCursor {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  int per_step = 1;
-};
-
-template <class KT, int RT>
-static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv,
-                           PrefetchCursor& pf) {
-  vf a[RT][kDvVecs];
-  for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
-  for (int t = 0; t < n; ++t) {
-    for (int i = 0; i < pf.per_step && pf.next < pf.end; ++i, pf.next += 64) Simd::prefetch(pf.next);
-    vf vv[kDvVecs];
-    for (int j = 0; j < kDvVecs; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
-    for (int r = 0; r < RT; ++r) {
-      vf pb = Simd::set1(p[r * kSStride + t]);
-      for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::fma(pb, vv[j], a[r][j]);
-    }
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < kDvVecs; ++j) Simd::store(acc + r * dv + j * W, a[r][j]);
-}
-
-template <class KT>
-static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv, PrefetchCursor& pf) {
-  for (int d0 = 0; d0 < dv; d0 += 16) {
-    int r0 = 0;
-    for (; r0 + kRowTile <= rows; r0 += kRowTile)
-      pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
-    switch (rows - r0) {
-      case 5: pv_tile<KT, 5>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 4: pv_tile<KT, 4>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      default: break;
-    }
-  }
-}
 
 // ---- online softmax ------------------------------------------------------------------------
 
@@ -395,7 +228,12 @@ static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, 
   }
   for (int t = t0; t < n; ++t)
     for (int i = 0; i < d; ++i) kbuf[static_cast<size_t>(i) * kChunk + t] = to_f32(c.k[t * c.k_tok + i * c.k_dim]);
-  for (int t = 0; t < n; ++t) convert_row(c.v + t * c.v_tok, vbuf + static_cast<size_t>(t) * dv, dv);
+  if constexpr (std::is_same_v<KT, float>) {  // fp32 V rows are read in place: nothing to convert
+    f.v = c.v;
+    f.v_tok = c.v_tok;
+  } else {
+    for (int t = 0; t < n; ++t) convert_row(c.v + t * c.v_tok, vbuf + static_cast<size_t>(t) * dv, dv);
+  }
   return f;
 }
 
@@ -406,6 +244,17 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
   std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
   float* s = sc.s.data();
+  if constexpr (kPairs<KT>) {  // Q in pair order for qk_bf16_pairs
+    for (int r = 0; r < rows; ++r) {
+      const float* q = sc.q.data() + static_cast<size_t>(r) * d;
+      float* qp = sc.qp.data() + static_cast<size_t>(r) * d;
+      for (int g0 = 0; g0 < d; g0 += 2 * W)
+        for (int j = 0; j < W; ++j) {
+          qp[g0 + j] = q[g0 + 2 * j];
+          qp[g0 + W + j] = q[g0 + 2 * j + 1];
+        }
+    }
+  }
   vf sink = Simd::zero();
   int64_t p = job.p_lo;
   bool prefetched = false;  // this chunk's lines were prefetched during the previous one
@@ -433,9 +282,9 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
     Chunk<float> f{};
     if (staged) {
       f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());
-      chunk_scores<float, DC>(sc.q.data(), rows, d, f, s);
+      chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s);
     } else {
-      chunk_scores<KT, DC>(sc.q.data(), rows, d, c, s);
+      chunk_scores<KT, DC>(sc.q.data(), sc.qp.data(), rows, d, c, s);
     }
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kSStride;

@@ -93,6 +93,17 @@ struct Simd {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+  // bf16 in even/odd lane pairs: one 256-bit load of 16 bf16 values gives two fp32 vectors,
+  // elements 0, 2, ..., 14 and 1, 3, ..., 15, for a shift and an AND (instead of two loads,
+  // two widening moves and two shifts). Used where the order of terms does not matter (Q.K
+  // dot products, with Q stored in the same order).
+  static constexpr bool kBf16Pairs = true;
+  static inline void load_bf16_pair(const bf16_t* p, vf& even, vf& odd) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
 };
 
 }  // namespace avx2

@@ -57,6 +57,8 @@ struct Simd {
     return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p))));
   }
   static inline void prefetch(const void* p) { __builtin_prefetch(p); }
+  static constexpr bool kBf16Pairs = false;  // the even/odd bf16 path is AVX2-only (see simd_avx2.h)
+  static inline void load_bf16_pair(const bf16_t*, vf&, vf&) {}
 };
 
 }  // namespace neon

@@ -37,6 +37,8 @@ struct Simd {
   static inline vf load_cvt(const bf16_t* p) { return to_f32(*p); }
   static inline vf load_cvt(const fp16_t* p) { return to_f32(*p); }
   static inline void prefetch(const void*) {}
+  static constexpr bool kBf16Pairs = false;  // the even/odd bf16 path is AVX2-only (see simd_avx2.h)
+  static inline void load_bf16_pair(const bf16_t*, vf&, vf&) {}
 };
 
 }  // namespace scalar

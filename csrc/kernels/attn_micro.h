@@ -1,0 +1,259 @@
+// SPDX-License-Identifier: Apache-2.0
+// The Q.K and P.V micro-kernels of the attention kernels (see attn_impl.h for the algorithm),
+// written over the ISA's `Simd` interface. Included by attn_impl.h only, inside no namespace:
+// it opens kv_offload::cpu_attn::KVO_ISA itself.
+#pragma once
+
+#ifndef KVO_ISA
+#error "define KVO_ISA before including attn_micro.h"
+#endif
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "kernels/cpu_attn.h"
+#include "kernels/scalar_cvt.h"
+
+namespace kv_offload {
+namespace cpu_attn {
+namespace KVO_ISA {
+
+constexpr int kChunk = 64;                // most tokens handled per chunk
+constexpr int kRowTile = 6;               // query rows per register tile (12 accumulators)
+constexpr int kSStride = kChunk + 16;     // row stride of the score buffer
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using vf = Simd::vf;
+constexpr int W = Simd::W;
+constexpr int kDvVecs = 16 / W;  // V dims per P.V tile = 16 (head sizes are multiples of 16)
+
+// One contiguous run of KV positions [pos, pos + n) of one KV head.
+template <class KT>
+struct Chunk {
+  const KT* k;  // element (token pos, dim 0)
+  const KT* v;
+  int64_t k_tok, k_dim, v_tok;
+  int n;
+  int64_t pos;
+};
+
+// ---- Q.K micro-kernels -----------------------------------------------------------------
+
+// Horizontal sums of an RT x NT tile of dot-product accumulators into the score rows.
+template <int RT, int NT>
+static inline void store_scores(vf (&acc)[RT][NT], float* s) {
+  if constexpr (RT * NT == 8 || RT * NT == 12) {
+    float out[16];
+    vf* a = &acc[0][0];
+    Simd::hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], out);
+    if constexpr (RT * NT == 12) {
+      const vf z = Simd::zero();
+      Simd::hsum8(a[8], a[9], a[10], a[11], z, z, z, z, out + 8);
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int t = 0; t < NT; ++t) s[r * kSStride + t] = out[r * NT + t];
+  } else {
+    for (int r = 0; r < RT; ++r)
+      for (int t = 0; t < NT; ++t) s[r * kSStride + t] = Simd::hsum(acc[r][t]);
+  }
+}
+
+// Token-major K (dim stride 1): RT rows x NT tokens of dot products over D.
+template <class KT, int DC, int RT, int NT>
+static inline void qk_token_major(const float* q, int d, const KT* k, int64_t k_tok, float* s) {
+  const int dn = DC ? DC : d;
+  vf acc[RT][NT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = Simd::zero();
+  for (int i = 0; i < dn; i += W) {
+    vf kv[NT];
+    for (int t = 0; t < NT; ++t) kv[t] = Simd::load_cvt(k + t * k_tok + i);
+    for (int r = 0; r < RT; ++r) {
+      vf qv = Simd::load(q + r * dn + i);
+      Simd::keep_in_register(qv);  // one load for NT FMAs, not one folded into each
+      for (int t = 0; t < NT; ++t) acc[r][t] = Simd::fma(qv, kv[t], acc[r][t]);
+    }
+  }
+  store_scores<RT, NT>(acc, s);
+}
+
+// Token-major bf16 K read as even/odd lane pairs (Simd::kBf16Pairs): qp is Q with every
+// 2W-dim group stored as its W even dims, then its W odd dims (a dot product does not care
+// about the order of its terms), so each K load feeds 2 x RT FMAs after one shift or AND.
+template <int DC, int RT, int NT>
+static inline void qk_bf16_pairs(const float* qp, int d, const bf16_t* k, int64_t k_tok, float* s) {
+  const int dn = DC ? DC : d;
+  vf acc[RT][NT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = Simd::zero();
+  for (int i = 0; i < dn; i += 2 * W) {
+    vf ke[NT], ko[NT];
+    for (int t = 0; t < NT; ++t) Simd::load_bf16_pair(k + t * k_tok + i, ke[t], ko[t]);
+    for (int r = 0; r < RT; ++r) {
+      vf qe = Simd::load(qp + r * dn + i);
+      Simd::keep_in_register(qe);
+      for (int t = 0; t < NT; ++t) acc[r][t] = Simd::fma(qe, ke[t], acc[r][t]);
+      vf qo = Simd::load(qp + r * dn + i + W);
+      Simd::keep_in_register(qo);
+      for (int t = 0; t < NT; ++t) acc[r][t] = Simd::fma(qo, ko[t], acc[r][t]);
+    }
+  }
+  store_scores<RT, NT>(acc, s);
+}
+
+template <int DC, int NT>
+static inline void qk_bf16_pairs_rows(const float* qp, int rows, int d, const bf16_t* k, int64_t k_tok, float* s) {
+  const int dn = DC ? DC : d;
+  int r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) qk_bf16_pairs<DC, 4, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride);
+  switch (rows - r0) {
+    case 3: qk_bf16_pairs<DC, 3, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    case 2: qk_bf16_pairs<DC, 2, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    case 1: qk_bf16_pairs<DC, 1, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    default: break;
+  }
+}
+
+// Dim-major K (token stride 1): RT rows x NV vectors of W tokens, broadcasting Q.
+template <class KT, int DC, int RT, int NV>
+static inline void qk_dim_major(const float* q, int d, const KT* k, int64_t k_dim, float* s) {
+  const int dn = DC ? DC : d;
+  vf acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = Simd::zero();
+  for (int i = 0; i < dn; ++i) {
+    vf kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = Simd::load_cvt(k + i * k_dim + j * W);
+    for (int r = 0; r < RT; ++r) {
+      vf qb = Simd::set1(q[r * dn + i]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = Simd::fma(qb, kv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) Simd::store(s + r * kSStride + j * W, acc[r][j]);
+}
+
+template <class KT, int DC, int NT>
+static inline void qk_token_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_tok,
+                                       float* s) {
+  const int dn = DC ? DC : d;
+  int r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) qk_token_major<KT, DC, 4, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
+  switch (rows - r0) {
+    case 3: qk_token_major<KT, DC, 3, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    case 2: qk_token_major<KT, DC, 2, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    case 1: qk_token_major<KT, DC, 1, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
+    default: break;
+  }
+}
+
+template <class KT, int DC, int NV>
+static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_dim,
+                                     float* s) {
+  const int dn = DC ? DC : d;
+  int r0 = 0;
+  for (; r0 + kRowTile <= rows; r0 += kRowTile)
+    qk_dim_major<KT, DC, kRowTile, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
+  switch (rows - r0) {
+    case 5: qk_dim_major<KT, DC, 5, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 4: qk_dim_major<KT, DC, 4, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 3: qk_dim_major<KT, DC, 3, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 2: qk_dim_major<KT, DC, 2, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    case 1: qk_dim_major<KT, DC, 1, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
+    default: break;
+  }
+}
+
+// Whether token-major bf16 K goes through the even/odd pair kernels on this ISA.
+template <class KT>
+constexpr bool kPairs = std::is_same_v<KT, bf16_t> && Simd::kBf16Pairs;
+
+// S[rows][0..n) = Q K^T for one chunk. qp: Q in pair order (see qk_bf16_pairs), used for
+// token-major K when kPairs<KT>.
+template <class KT, int DC>
+static void chunk_scores(const float* q, const float* qp, int rows, int d, const Chunk<KT>& c, float* s) {
+  const int n = c.n;
+  if constexpr (kPairs<KT>) {
+    if (c.k_dim == 1) {
+      int t = 0;
+      for (; t + 2 <= n; t += 2) qk_bf16_pairs_rows<DC, 2>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+      if (t < n) qk_bf16_pairs_rows<DC, 1>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+      return;
+    }
+  }
+  if (c.k_dim == 1) {
+    int t = 0;
+    for (; t + 3 <= n; t += 3) qk_token_major_rows<KT, DC, 3>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+    if (n - t == 2) qk_token_major_rows<KT, DC, 2>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+    if (n - t == 1) qk_token_major_rows<KT, DC, 1>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+  } else if (c.k_tok == 1) {
+    int t = 0;
+    for (; t + 2 * W <= n; t += 2 * W) qk_dim_major_rows<KT, DC, 2>(q, rows, d, c.k + t, c.k_dim, s + t);
+    for (; t + W <= n; t += W) qk_dim_major_rows<KT, DC, 1>(q, rows, d, c.k + t, c.k_dim, s + t);
+    for (; t < n; ++t)
+      for (int r = 0; r < rows; ++r) {
+        float acc = 0.0f;
+        for (int i = 0; i < d; ++i) acc += q[r * d + i] * to_f32(c.k[i * c.k_dim + t]);
+        s[r * kSStride + t] = acc;
+      }
+  } else {  // any other strides: plain loops
+    for (int t = 0; t < n; ++t)
+      for (int r = 0; r < rows; ++r) {
+        float acc = 0.0f;
+        for (int i = 0; i < d; ++i) acc += q[r * d + i] * to_f32(c.k[t * c.k_tok + i * c.k_dim]);
+        s[r * kSStride + t] = acc;
+      }
+  }
+}
+
+// ---- P.V micro-kernel ----------------------------------------------------------------------
+
+// Lines of the next chunk still to prefetch; advanced a few lines per P.V token step so the
+// next chunk streams in while this one is computed (spread out: bursts stall the core).
+struct PrefetchCursor {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int per_step = 1;
+};
+
+template <class KT, int RT>
+static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv,
+                           PrefetchCursor& pf) {
+  vf a[RT][kDvVecs];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
+  for (int t = 0; t < n; ++t) {
+    for (int i = 0; i < pf.per_step && pf.next < pf.end; ++i, pf.next += 64) Simd::prefetch(pf.next);
+    vf vv[kDvVecs];
+    for (int j = 0; j < kDvVecs; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
+    for (int r = 0; r < RT; ++r) {
+      vf pb = Simd::set1(p[r * kSStride + t]);
+      for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::fma(pb, vv[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < kDvVecs; ++j) Simd::store(acc + r * dv + j * W, a[r][j]);
+}
+
+template <class KT>
+static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv, PrefetchCursor& pf) {
+  for (int d0 = 0; d0 < dv; d0 += 16) {
+    int r0 = 0;
+    for (; r0 + kRowTile <= rows; r0 += kRowTile)
+      pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
+    switch (rows - r0) {
+      case 5: pv_tile<KT, 5>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 4: pv_tile<KT, 4>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace KVO_ISA
+}  // namespace cpu_attn
+}  // namespace kv_offload

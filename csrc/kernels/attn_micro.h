@@ -41,6 +41,25 @@ struct Chunk {
 
 // ---- Q.K micro-kernels -----------------------------------------------------------------
 
+// Calls f(r0, std::integral_constant<int, RT>{}) for row tiles covering [0, rows): full tiles
+// of Max rows, then one tile of the remaining rows, so each tile size is its own instantiation.
+template <int N, class F>
+static inline void row_tail(int r0, int rest, F& f) {
+  if constexpr (N > 0) {
+    if (rest == N)
+      f(r0, std::integral_constant<int, N>{});
+    else
+      row_tail<N - 1>(r0, rest, f);
+  }
+}
+
+template <int Max, class F>
+static inline void for_row_tiles(int rows, F&& f) {
+  int r0 = 0;
+  for (; r0 + Max <= rows; r0 += Max) f(r0, std::integral_constant<int, Max>{});
+  row_tail<Max - 1>(r0, rows - r0, f);
+}
+
 // Horizontal sums of an RT x NT tile of dot-product accumulators into the score rows.
 template <int RT, int NT>
 static inline void store_scores(vf (&acc)[RT][NT], float* s) {
@@ -106,14 +125,9 @@ static inline void qk_bf16_pairs(const float* qp, int d, const bf16_t* k, int64_
 template <int DC, int NT>
 static inline void qk_bf16_pairs_rows(const float* qp, int rows, int d, const bf16_t* k, int64_t k_tok, float* s) {
   const int dn = DC ? DC : d;
-  int r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) qk_bf16_pairs<DC, 4, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride);
-  switch (rows - r0) {
-    case 3: qk_bf16_pairs<DC, 3, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    case 2: qk_bf16_pairs<DC, 2, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    case 1: qk_bf16_pairs<DC, 1, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    default: break;
-  }
+  for_row_tiles<4>(rows, [&](int r0, auto rt) {
+    qk_bf16_pairs<DC, decltype(rt)::value, NT>(qp + r0 * dn, d, k, k_tok, s + r0 * kSStride);
+  });
 }
 
 // Dim-major K (token stride 1): RT rows x NV vectors of W tokens, broadcasting Q.
@@ -139,31 +153,18 @@ template <class KT, int DC, int NT>
 static inline void qk_token_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_tok,
                                        float* s) {
   const int dn = DC ? DC : d;
-  int r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) qk_token_major<KT, DC, 4, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
-  switch (rows - r0) {
-    case 3: qk_token_major<KT, DC, 3, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    case 2: qk_token_major<KT, DC, 2, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    case 1: qk_token_major<KT, DC, 1, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride); break;
-    default: break;
-  }
+  for_row_tiles<4>(rows, [&](int r0, auto rt) {
+    qk_token_major<KT, DC, decltype(rt)::value, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
+  });
 }
 
 template <class KT, int DC, int NV>
 static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_dim,
                                      float* s) {
   const int dn = DC ? DC : d;
-  int r0 = 0;
-  for (; r0 + kRowTile <= rows; r0 += kRowTile)
-    qk_dim_major<KT, DC, kRowTile, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
-  switch (rows - r0) {
-    case 5: qk_dim_major<KT, DC, 5, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 4: qk_dim_major<KT, DC, 4, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 3: qk_dim_major<KT, DC, 3, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 2: qk_dim_major<KT, DC, 2, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    case 1: qk_dim_major<KT, DC, 1, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride); break;
-    default: break;
-  }
+  for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
+    qk_dim_major<KT, DC, decltype(rt)::value, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
+  });
 }
 
 // Whether token-major bf16 K goes through the even/odd pair kernels on this ISA.
@@ -240,17 +241,9 @@ static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, fl
 template <class KT>
 static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv, PrefetchCursor& pf) {
   for (int d0 = 0; d0 < dv; d0 += 16) {
-    int r0 = 0;
-    for (; r0 + kRowTile <= rows; r0 += kRowTile)
-      pv_tile<KT, kRowTile>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
-    switch (rows - r0) {
-      case 5: pv_tile<KT, 5>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 4: pv_tile<KT, 4>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 3: pv_tile<KT, 3>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 2: pv_tile<KT, 2>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      case 1: pv_tile<KT, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf); break;
-      default: break;
-    }
+    for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
+      pv_tile<KT, decltype(rt)::value>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
+    });
   }
 }
 

@@ -62,7 +62,6 @@ static Scratch& scratch() {
   return s;
 }
 
-
 // Reads every 64-byte line of [lo, hi) with independent loads (like a read-bandwidth loop),
 // so a chunk streams from DRAM at full rate before the compute loops, whose FMA dependency
 // chains would otherwise keep too few loads in flight, read it from cache.

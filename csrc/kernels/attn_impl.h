@@ -243,8 +243,10 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
   std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
   float* s = sc.s.data();
-  if constexpr (kPairs<KT>) {  // Q in pair order for qk_bf16_pairs
-    for (int r = 0; r < rows; ++r) {
+  // Many rows (prefill) go through fp32 staging, few (decode) read K in place.
+  const bool staged = rows > 4;
+  if constexpr (kPairs<KT>) {  // Q in pair order for qk_bf16_pairs (the in-place path only)
+    for (int r = 0; !staged && r < rows; ++r) {
       const float* q = sc.q.data() + static_cast<size_t>(r) * d;
       float* qp = sc.qp.data() + static_cast<size_t>(r) * d;
       for (int g0 = 0; g0 < d; g0 += 2 * W)
@@ -277,7 +279,6 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
         prefetched = true;
       }
     }
-    const bool staged = rows > 4;
     Chunk<float> f{};
     if (staged) {
       f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());

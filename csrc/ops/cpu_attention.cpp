@@ -255,7 +255,8 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
     return items * kv.num_kv_heads;
   };
   int64_t tokens_per_item = std::max<int64_t>(1, 128 / g);
-  while (tokens_per_item > 1 && count_items(tokens_per_item) < 2 * threads) tokens_per_item = (tokens_per_item + 1) / 2;
+  while (tokens_per_item > 1 && count_items(tokens_per_item) < 2 * threads)
+    tokens_per_item = (tokens_per_item + 1) / 2;
   const int32_t per_item = static_cast<int32_t>(tokens_per_item);
   std::vector<int32_t> item_seq, item_tok;
   for (int64_t b = 0; b < num_seqs; ++b) {

@@ -37,6 +37,7 @@ namespace KVO_ISA {
 
 struct Scratch {
   std::vector<float> q, qp, s, acc, m, l, kbuf, vbuf;
+  alignas(64) float raw[kPartialFloats] = {};  // partial dot products (see chunk_scores)
   std::vector<int64_t> lo, hi;
   float sink = 0.0f;
   void ensure(int rows, int d, int dv) {
@@ -244,7 +245,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
   float* s = sc.s.data();
   // Many rows (prefill) go through fp32 staging, few (decode) read K in place.
-  const bool staged = rows > 4;
+  const bool staged = rows > kMaxInPlaceRows;
   if constexpr (kPairs<KT>) {  // Q in pair order for qk_bf16_pairs (the in-place path only)
     for (int r = 0; !staged && r < rows; ++r) {
       const float* q = sc.q.data() + static_cast<size_t>(r) * d;
@@ -282,9 +283,9 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
     Chunk<float> f{};
     if (staged) {
       f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());
-      chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s);
+      chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s, nullptr);
     } else {
-      chunk_scores<KT, DC>(sc.q.data(), sc.qp.data(), rows, d, c, s);
+      chunk_scores<KT, DC>(sc.q.data(), sc.qp.data(), rows, d, c, s, sc.raw);
     }
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kSStride;

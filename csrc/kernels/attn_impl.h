@@ -275,17 +275,20 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
         pf.next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
         pf.end = hi;
         const int64_t lines = (hi - pf.next + 63) / 64;
-        const int64_t steps = static_cast<int64_t>((dv / 16) * ((rows + kRowTile - 1) / kRowTile)) * n;
-        pf.per_step = static_cast<int>((lines + steps - 1) / steps);
+        // Units of work in this chunk (see PrefetchCursor): P.V token steps of every row tile
+        // and 16-dim slice, plus the in-place Q.K tiles (one unit per 16 dims per token).
+        int64_t units = static_cast<int64_t>((dv / 16) * ((rows + kRowTile - 1) / kRowTile)) * n;
+        if (!staged && c.k_dim == 1) units += static_cast<int64_t>(n) * d / 16;
+        pf.rate = static_cast<uint32_t>((lines * 65536 + units - 1) / units);
         prefetched = true;
       }
     }
     Chunk<float> f{};
     if (staged) {
       f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());
-      chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s, nullptr);
+      chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s, nullptr, pf);
     } else {
-      chunk_scores<KT, DC>(sc.q.data(), sc.qp.data(), rows, d, c, s, sc.raw);
+      chunk_scores<KT, DC>(sc.q.data(), sc.qp.data(), rows, d, c, s, sc.raw, pf);
     }
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kSStride;

@@ -202,6 +202,21 @@ static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* 
   });
 }
 
+// Lines of the next chunk still to prefetch, issued at a steady pace over the whole of this
+// chunk's compute: `advance(k)` is called with the work done in units of one P.V token step
+// (8 FMAs of a 4-row tile) and issues rate/65536 lines per unit. Bursts stall the core: a
+// prefetch waits for a free miss buffer, and so do the compute loop's own L1 misses behind it.
+struct PrefetchCursor {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  uint32_t rate = 0;    // lines per unit of work, x 65536
+  uint32_t credit = 0;  // lines owed, x 65536
+  inline void advance(uint32_t units) {
+    credit += rate * units;
+    for (; credit >= 65536u && next < end; credit -= 65536u, next += 64) Simd::prefetch(next);
+  }
+};
+
 // Whether token-major bf16 K goes through the even/odd pair kernels on this ISA.
 template <class KT>
 constexpr bool kPairs = std::is_same_v<KT, bf16_t> && Simd::kBf16Pairs;
@@ -211,16 +226,23 @@ constexpr bool kPairs = std::is_same_v<KT, bf16_t> && Simd::kBf16Pairs;
 // read in place only for at most kMaxInPlaceRows rows.
 template <class KT, int DC>
 static void chunk_scores(const float* q, const float* qp, int rows, int d, const Chunk<KT>& c, float* s,
-                         float* raw) {
+                         float* raw, PrefetchCursor& pf) {
+  const int dn = DC ? DC : d;
   const int n = c.n;
   if (c.k_dim == 1) {
     int t = 0;
     if constexpr (kPairs<KT>) {
-      for (; t + 2 <= n; t += 2) qk_bf16_pairs_rows<DC, 2>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, raw + t * W);
+      for (; t + 2 <= n; t += 2) {
+        pf.advance(2 * dn / 16);
+        qk_bf16_pairs_rows<DC, 2>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, raw + t * W);
+      }
       if (t < n) qk_bf16_pairs_rows<DC, 1>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, raw + t * W);
       reduce_partials(raw, rows, n, s);
     } else {
-      for (; t + 3 <= n; t += 3) qk_token_major_rows<KT, DC, 3>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+      for (; t + 3 <= n; t += 3) {
+        pf.advance(3 * dn / 16);
+        qk_token_major_rows<KT, DC, 3>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
+      }
       if (n - t == 2) qk_token_major_rows<KT, DC, 2>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
       if (n - t == 1) qk_token_major_rows<KT, DC, 1>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
     }
@@ -246,13 +268,6 @@ static void chunk_scores(const float* q, const float* qp, int rows, int d, const
 
 // ---- P.V micro-kernel ----------------------------------------------------------------------
 
-// Lines of the next chunk still to prefetch; advanced a few lines per P.V token step so the
-// next chunk streams in while this one is computed (spread out: bursts stall the core).
-struct PrefetchCursor {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  int per_step = 1;
-};
 
 template <class KT, int RT>
 static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv,
@@ -261,7 +276,7 @@ static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, fl
   for (int r = 0; r < RT; ++r)
     for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
   for (int t = 0; t < n; ++t) {
-    for (int i = 0; i < pf.per_step && pf.next < pf.end; ++i, pf.next += 64) Simd::prefetch(pf.next);
+    pf.advance(1);
     vf vv[kDvVecs];
     for (int j = 0; j < kDvVecs; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
     for (int r = 0; r < RT; ++r) {

@@ -275,10 +275,11 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
         pf.next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
         pf.end = hi;
         const int64_t lines = (hi - pf.next + 63) / 64;
-        // Units of work in this chunk (see PrefetchCursor): P.V token steps of every row tile
-        // and 16-dim slice, plus the in-place Q.K tiles (one unit per 16 dims per token).
-        int64_t units = static_cast<int64_t>((dv / 16) * ((rows + kRowTile - 1) / kRowTile)) * n;
-        if (!staged && c.k_dim == 1) units += static_cast<int64_t>(n) * d / 16;
+        // Units of work in this chunk (see PrefetchCursor): per token, one per W-lane vector
+        // of V and row tile (P.V) and one per W-lane vector of K (in-place Q.K).
+        const int row_tiles = staged ? (rows + kRowTile - 1) / kRowTile : 1;
+        int64_t units = static_cast<int64_t>(dv / W) * row_tiles * n;
+        if (!staged && c.k_dim == 1) units += static_cast<int64_t>(n) * d / W;
         pf.rate = static_cast<uint32_t>((lines * 65536 + units - 1) / units);
         prefetched = true;
       }

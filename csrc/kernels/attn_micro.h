@@ -203,9 +203,10 @@ static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* 
 }
 
 // Lines of the next chunk still to prefetch, issued at a steady pace over the whole of this
-// chunk's compute: `advance(k)` is called with the work done in units of one P.V token step
-// (8 FMAs of a 4-row tile) and issues rate/65536 lines per unit. Bursts stall the core: a
-// prefetch waits for a free miss buffer, and so do the compute loop's own L1 misses behind it.
+// chunk's compute: `advance(k)` is called with the work done, in units of one W-lane vector
+// of one token (P.V: per row tile; Q.K: for all rows), and issues rate/65536 lines per unit.
+// Bursts stall the core: a prefetch waits for a free miss buffer, and so do the compute
+// loop's own L1 misses behind it.
 struct PrefetchCursor {
   const char* next = nullptr;
   const char* end = nullptr;
@@ -233,14 +234,14 @@ static void chunk_scores(const float* q, const float* qp, int rows, int d, const
     int t = 0;
     if constexpr (kPairs<KT>) {
       for (; t + 2 <= n; t += 2) {
-        pf.advance(2 * dn / 16);
+        pf.advance(2 * dn / W);
         qk_bf16_pairs_rows<DC, 2>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, raw + t * W);
       }
       if (t < n) qk_bf16_pairs_rows<DC, 1>(qp, rows, d, c.k + t * c.k_tok, c.k_tok, raw + t * W);
       reduce_partials(raw, rows, n, s);
     } else {
       for (; t + 3 <= n; t += 3) {
-        pf.advance(3 * dn / 16);
+        pf.advance(3 * dn / W);
         qk_token_major_rows<KT, DC, 3>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
       }
       if (n - t == 2) qk_token_major_rows<KT, DC, 2>(q, rows, d, c.k + t * c.k_tok, c.k_tok, s + t);
@@ -268,31 +269,49 @@ static void chunk_scores(const float* q, const float* qp, int rows, int d, const
 
 // ---- P.V micro-kernel ----------------------------------------------------------------------
 
-
-template <class KT, int RT>
+// acc[RT][NV * W dims] += P[RT][0..n) V[0..n)[NV * W dims], one token step at a time.
+template <class KT, int RT, int NV>
 static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, float* acc, int dv,
                            PrefetchCursor& pf) {
-  vf a[RT][kDvVecs];
+  vf a[RT][NV];
   for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
+    for (int j = 0; j < NV; ++j) a[r][j] = Simd::load(acc + r * dv + j * W);
   for (int t = 0; t < n; ++t) {
-    pf.advance(1);
-    vf vv[kDvVecs];
-    for (int j = 0; j < kDvVecs; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
+    pf.advance(NV);
+    vf vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = Simd::load_cvt(v + t * v_tok + j * W);
     for (int r = 0; r < RT; ++r) {
       vf pb = Simd::set1(p[r * kSStride + t]);
-      for (int j = 0; j < kDvVecs; ++j) a[r][j] = Simd::fma(pb, vv[j], a[r][j]);
+      for (int j = 0; j < NV; ++j) a[r][j] = Simd::fma(pb, vv[j], a[r][j]);
     }
   }
   for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < kDvVecs; ++j) Simd::store(acc + r * dv + j * W, a[r][j]);
+    for (int j = 0; j < NV; ++j) Simd::store(acc + r * dv + j * W, a[r][j]);
 }
+
+// Vectors per P.V tile when at most kMaxInPlaceRows rows share it: 3 on AVX2 (4 x 3 = 12
+// accumulators, so the FMA units do not wait on their own latency), else 16 dims' worth.
+constexpr int kPvWideVecs = W == 8 ? 3 : kDvVecs;
 
 template <class KT>
 static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv, PrefetchCursor& pf) {
-  for (int d0 = 0; d0 < dv; d0 += 16) {
+  if (rows <= kMaxInPlaceRows && kPvWideVecs != kDvVecs) {
+    int d0 = 0;
+    for (; d0 + kPvWideVecs * W <= dv; d0 += kPvWideVecs * W)
+      for_row_tiles<kMaxInPlaceRows>(rows, [&](int r0, auto rt) {
+        pv_tile<KT, decltype(rt)::value, kPvWideVecs>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0,
+                                                      dv, pf);
+      });
+    for (; d0 < dv; d0 += W)
+      for_row_tiles<kMaxInPlaceRows>(rows, [&](int r0, auto rt) {
+        pv_tile<KT, decltype(rt)::value, 1>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
+      });
+    return;
+  }
+  for (int d0 = 0; d0 < dv; d0 += kDvVecs * W) {
     for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
-      pv_tile<KT, decltype(rt)::value>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv, pf);
+      pv_tile<KT, decltype(rt)::value, kDvVecs>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv,
+                                                pf);
     });
   }
 }

@@ -21,6 +21,11 @@ KV is "cold": each call reads a different copy of the KV, rotating over >= 256 M
 do not hit the last-level cache (like successive layers). Times are medians of single calls.
 Prefill: one sequence, 512 new tokens after a cached prefix of 0 or 2048, against SDPA with a
 causal (bottom-right) mask on the same data.
+
+``--budget-s S`` bounds the run in time (for scripts/gpu_check.sh): once S seconds have passed,
+configs not yet started are listed under ``dropped`` with that reason instead of run, and with
+``--json`` the file is rewritten after every config (``"partial": true`` until the end), so a
+run killed from outside still leaves what it measured. Without it nothing changes.
 """
 
 from __future__ import annotations
@@ -247,7 +252,25 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=None)
     parser.add_argument("--min-calls", type=int, default=10)
     parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no config after this many seconds (the rest is listed as dropped)")
     args = parser.parse_args()
+    t_start = time.perf_counter()
+
+    def over_budget() -> str | None:
+        if args.budget_s is None or time.perf_counter() - t_start < args.budget_s:
+            return None
+        return f"time budget spent (--budget-s {args.budget_s:g})"
+
+    def save(final: bool) -> None:
+        # With a budget the file is rewritten after every config, so a killed run keeps its rows.
+        if args.json and (final or args.budget_s is not None):
+            if args.budget_s is not None:
+                result["partial"] = not final
+                result["elapsed_s"] = time.perf_counter() - t_start
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
     torch.set_num_threads(args.threads)
     if args.min_time is None:
         args.min_time = 0.3 if args.quick else 1.0
@@ -265,7 +288,8 @@ def main() -> None:
             "loadavg_start": list(os.getloadavg()),
         },
         "config": {"q_heads": HQ, "kv_heads": HKV, "head_size": D, "block_size": BS, "page_format": "HND",
-                   "cold_mib": args.cold_mib, "quick": args.quick},
+                   "cold_mib": args.cold_mib, "quick": args.quick,
+                   **({"budget_s": args.budget_s} if args.budget_s is not None else {})},
         "read_bandwidth_start": base.measure(5),
         "decode": [], "dropped": [], "prefill": [],
     }  # fmt: skip
@@ -281,8 +305,13 @@ def main() -> None:
                     result["dropped"].append({"dtype": str(dtype).removeprefix("torch."), "batch": b, "context": ctx, "reason": reason})
                     print(f"{str(dtype).removeprefix('torch.'):9} {b:>3} {ctx:>6} dropped: {reason}")
                     continue
+                if (late := over_budget()) is not None:
+                    result["dropped"].append({"dtype": str(dtype).removeprefix("torch."), "batch": b, "context": ctx, "reason": late})
+                    print(f"{str(dtype).removeprefix('torch.'):9} {b:>3} {ctx:>6} dropped: {late}", flush=True)
+                    continue
                 r = bench_decode(dtype, b, ctx, args, base, vops)
                 result["decode"].append(r)
+                save(final=False)
                 vus = f"{r['vllm_us']:9.0f}" if r["vllm_us"] is not None else f"{'-':>9}"
                 vx = f"{r['speedup_vs_vllm']:6.2f}" if r["speedup_vs_vllm"] is not None else f"{'-':>6}"
                 print(f"{r['dtype']:9} {b:>3} {ctx:>6} {r['ours_us']:9.0f} {r['ours_gbps']:6.1f} {r['bandwidth_fraction']:7.2f}"
@@ -290,14 +319,18 @@ def main() -> None:
     print(f"\n{'prefill':9} {'prefix':>6} {'new':>5} {'ours tok/s':>11} {'sdpa tok/s':>11} {'x sdpa':>6}")
     for dtype in dtypes:
         for prefix in ([0] if args.quick else [0, 2048]):
+            if (late := over_budget()) is not None:
+                result["dropped"].append({"dtype": str(dtype).removeprefix("torch."), "prefill_prefix": prefix, "reason": late})
+                print(f"{str(dtype).removeprefix('torch.'):9} {prefix:>6} {512:>5} dropped: {late}", flush=True)
+                continue
             p = bench_prefill(dtype, prefix, 512, args)
             result["prefill"].append(p)
+            save(final=False)
             print(f"{p['dtype']:9} {prefix:>6} {512:>5} {p['ours_tokens_per_s']:11.0f} {p['sdpa_tokens_per_s']:11.0f} {p['speedup_vs_sdpa']:6.2f}", flush=True)
     result["read_bandwidth_end"] = base.measure(5)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        save(final=True)
         print(f"wrote {args.json}")
 
 

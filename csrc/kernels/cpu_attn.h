@@ -65,7 +65,7 @@ struct DecodeParams {
   int64_t num_seqs;
   int32_t num_q_heads;
   float scale;
-  int32_t window;      // > 0: attend to the last `window` positions only
+  int64_t window;      // > 0: attend to the last `window` positions only (int64: no narrowing)
   int32_t num_splits;  // >= 1; > 1 writes partials to `workspace`, merged by decode_reduce
   float* workspace;    // [B, Hkv, num_splits, G, Dv + 2] (acc..., max, sum); null when 1 split
 };
@@ -88,7 +88,7 @@ struct PrefillParams {
   int64_t num_seqs;
   int32_t num_q_heads;
   float scale;
-  int32_t window;
+  int64_t window;
   // Work items: item i covers sequence item_seq[i], new tokens [item_tok[i], item_tok[i] +
   // tokens_per_item) of it (clipped), for every KV head (item index = i * Hkv + h).
   const int32_t* item_seq;

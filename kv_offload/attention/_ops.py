@@ -20,9 +20,12 @@ import torch
 from kv_offload._native import load_native
 from kv_offload.geometry import KVGeometry
 
-__all__ = ["ISA_ENV", "ISA_NAMES", "available_isas", "default_isa", "resolve_isa", "layout_list", "ops"]
+__all__ = [
+    "ISA_ENV", "ISA_NAMES", "MAX_SPLITS", "available_isas", "default_isa", "resolve_isa", "layout_list", "ops",
+]  # fmt: skip
 
 ISA_ENV = "KV_OFFLOAD_CPU_ATTN_ISA"
+MAX_SPLITS = 1024  # most num_splits the decode op takes (kMaxSplits in csrc/ops/cpu_attention.cpp)
 ISA_NAMES = ("auto", "avx512", "avx2", "neon", "scalar")
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -11,10 +11,12 @@ Accumulation is fp32 whatever the dtypes; the output has the query's dtype.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
-from kv_offload.attention._ops import layout_list, ops, resolve_isa
+from kv_offload.attention._ops import MAX_SPLITS, layout_list, ops, resolve_isa
 from kv_offload.geometry import KVGeometry
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention"]
@@ -22,20 +24,77 @@ __all__ = ["paged_decode_attention", "paged_prefill_attention"]
 _QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _int32(t: torch.Tensor, name: str, lo: int = _INT32_MIN) -> torch.Tensor:
+    """``t`` as contiguous int32; int64 values are checked to lie in ``[lo, 2**31)`` first, so the
+    cast never wraps (int32 input is passed as is: the op checks lengths and the ids it reads)."""
+    t = _tensor(t, name)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dtype == torch.int64 and t.numel():
+        low, high = int(t.min()), int(t.max())
+        if low < lo or high > _INT32_MAX:
+            bad = low if low < lo else high
+            raise ValueError(f"{name} holds {bad}, outside [{lo}, {_INT32_MAX}]")
     return t.to(torch.int32).contiguous()
 
 
+def _lengths(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    t = _int32(t, name, lo=0)
+    if t.shape != shape:
+        raise ValueError(f"{name} must be {list(shape)}, got {tuple(t.shape)}")
+    return t
+
+
 def _block_table(t: torch.Tensor, rows: int) -> torch.Tensor:
+    # Ids outside int32 are refused here; the op checks every id it reads against num_blocks.
     t = _int32(t, "block_table")
     if t.dim() != 2 or t.shape[0] != rows:
         raise ValueError(f"block_table must be [{rows}, max_blocks], got {tuple(t.shape)}")
     return t
 
 
+def _int_arg(value: object, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _scale(scale: float | None, head_size: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_size)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"scale must be a finite float32 value, got {scale}")
+    return value
+
+
+def _num_splits(num_splits: int) -> int:
+    n = _int_arg(num_splits, "num_splits")
+    if not 0 <= n <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [0, {MAX_SPLITS}] (0: automatic), got {n}")
+    return n
+
+
 def _check_common(query: torch.Tensor, kv_cache: torch.Tensor, geometry: KVGeometry) -> None:
+    _tensor(query, "query")
+    _tensor(kv_cache, "kv_cache")
+    if not isinstance(geometry, KVGeometry):
+        raise TypeError(f"geometry must be a KVGeometry, got {type(geometry).__name__}")
     if query.dtype not in _QUERY_DTYPES:
         raise TypeError(f"query dtype {query.dtype} is not supported; expected float32, bfloat16 or float16")
     if query.dim() != 3:
@@ -51,9 +110,12 @@ def _check_common(query: torch.Tensor, kv_cache: torch.Tensor, geometry: KVGeome
 def _window(window: int | None) -> int:
     if window is None:
         return 0
-    if window <= 0:
-        raise ValueError(f"window must be a positive number of tokens (or None), got {window}")
-    return window
+    w = _int_arg(window, "window")
+    if w <= 0:
+        raise ValueError(f"window must be a positive number of tokens (or None), got {w}")
+    # Positions stay below 2**33 (int32 lengths), so any wider window means "no window"; the
+    # clamp keeps the value inside the op's int64.
+    return min(w, 2**62)
 
 
 def paged_decode_attention(
@@ -83,29 +145,34 @@ def paged_decode_attention(
             of length 0 gets a zero output.
         geometry: the KV geometry the blocks were written with (dtype float32/bfloat16/float16).
         layer: which layer's page to read.
-        scale: softmax scale; default ``1 / sqrt(head_size)``.
+        scale: softmax scale, finite (within float32's range); default ``1 / sqrt(head_size)``.
         window: sliding window: attend to the last ``window`` positions only (``None``: all).
         num_splits: split each sequence's context into this many parts, computed in parallel
-            and merged (flash-decoding); 0 picks a count from the thread count.
+            and merged (flash-decoding); 0 picks a count from the thread count. At most
+            ``MAX_SPLITS`` (1024); more parts than the longest sequence has blocks are not used.
         isa: force a kernel path (``"avx2"``, ``"scalar"``...); default: ``KV_OFFLOAD_CPU_ATTN_ISA``
             or the best available.
         out: optional ``[num_seqs, num_q_heads, head_size_v]`` output of the query's dtype.
 
     Returns:
         ``[num_seqs, num_q_heads, head_size_v]`` in the query's dtype.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype (float ids or lengths included).
+        ValueError: a bad shape, or a value out of range (an id or length outside int32, a
+            negative length, a non-finite scale, ``num_splits`` past the cap...).
+        RuntimeError: from the op: a block id read outside ``[0, num_blocks)``, a context
+            longer than its block table row, a cache too small for the geometry...
     """
     _check_common(query, kv_cache, geometry)
     num_seqs, hq = query.shape[0], query.shape[1]
-    lens = _int32(context_lens, "context_lens")
-    if lens.shape != (num_seqs,):
-        raise ValueError(f"context_lens must be [{num_seqs}], got {tuple(lens.shape)}")
+    lens = _lengths(context_lens, "context_lens", (num_seqs,))
     table = _block_table(block_table, num_seqs)
     if out is None:
         out = torch.empty((num_seqs, hq, geometry.v_head_size), dtype=query.dtype)
     ops().paged_decode_attention(
         out, query, kv_cache, table, lens, layout_list(geometry, layer), geometry.dtype,
-        1.0 / math.sqrt(geometry.head_size) if scale is None else float(scale), _window(window),
-        int(num_splits), resolve_isa(isa),
+        _scale(scale, geometry.head_size), _window(window), _num_splits(num_splits), resolve_isa(isa),
     )  # fmt: skip
     return out
 
@@ -150,21 +217,22 @@ def paged_prefill_attention(
     """
     _check_common(query, kv_cache, geometry)
     for name, t in (("key", key), ("value", value)):
-        if t.dtype != geometry.dtype:
+        if _tensor(t, name).dtype != geometry.dtype:
             raise TypeError(f"{name} dtype {t.dtype} must equal the KV dtype {geometry.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [num_tokens, num_kv_heads, head_size], got {tuple(t.shape)}")
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    qsl = _int32(query_start_loc, "query_start_loc")
+    qsl = _int32(query_start_loc, "query_start_loc", lo=0)
+    if qsl.dim() != 1 or qsl.shape[0] < 1:
+        raise ValueError(f"query_start_loc must be [num_seqs + 1], got {tuple(qsl.shape)}")
     num_seqs = qsl.shape[0] - 1
-    pre = _int32(prefix_lens, "prefix_lens")
-    if pre.shape != (num_seqs,):
-        raise ValueError(f"prefix_lens must be [{num_seqs}], got {tuple(pre.shape)}")
+    pre = _lengths(prefix_lens, "prefix_lens", (num_seqs,))
     table = _block_table(block_table, num_seqs)
     if out is None:
         out = torch.empty((query.shape[0], query.shape[1], geometry.v_head_size), dtype=query.dtype)
     ops().paged_prefill_attention(
         out, query, key, value, qsl, kv_cache, table, pre, layout_list(geometry, layer), geometry.dtype,
-        1.0 / math.sqrt(geometry.head_size) if scale is None else float(scale), _window(window),
-        resolve_isa(isa),
+        _scale(scale, geometry.head_size), _window(window), resolve_isa(isa),
     )  # fmt: skip
     return out

@@ -17,6 +17,7 @@ reader cannot detect a slot rewritten under it.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -84,18 +85,32 @@ class BlockIndex:
         return out
 
 
+def _ints(values: Sequence[int], name: str) -> list[int]:
+    """``values`` as Python ints; floats, bools and other non-integers are refused, not truncated."""
+    out: list[int] = []
+    for i, x in enumerate(values):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name}[{i}] must be an int, got {type(x).__name__} {x!r}")
+        if not -(2**63) <= int(x) < 2**63:
+            raise ValueError(f"{name}[{i}] = {int(x)} does not fit int64")
+        out.append(int(x))
+    return out
+
+
 def _table(block_ids: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+    # int64, so the attention wrappers see (and refuse) ids outside int32 instead of a wrapped cast.
     if isinstance(block_ids, torch.Tensor):
         return block_ids
     width = max((len(r) for r in block_ids), default=0)
-    table = torch.zeros((len(block_ids), max(width, 1)), dtype=torch.int32)
+    table = torch.zeros((len(block_ids), max(width, 1)), dtype=torch.int64)
     for i, row in enumerate(block_ids):
-        table[i, : len(row)] = torch.tensor(list(row), dtype=torch.int32)
+        ids = _ints(row, f"block_ids[{i}]")
+        table[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return table
 
 
-def _lens(lens: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return lens if isinstance(lens, torch.Tensor) else torch.tensor(list(lens), dtype=torch.int32)
+def _lens(lens: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
+    return lens if isinstance(lens, torch.Tensor) else torch.tensor(_ints(lens, name), dtype=torch.int64)
 
 
 class PoolAttention:
@@ -146,8 +161,9 @@ class PoolAttention:
         ``block_ids[b]`` are sequence ``b``'s slots in token order; ``query`` is
         ``[num_seqs, num_q_heads, head_size]``; returns ``[num_seqs, num_q_heads, head_size_v]``.
         """
+        lens = _lens(context_lens, "context_lens")
         return paged_decode_attention(
-            query, self.pool.tensor, _table(block_ids), _lens(context_lens), self.geometry, layer, **kwargs  # type: ignore[arg-type]
+            query, self.pool.tensor, _table(block_ids), lens, self.geometry, layer, **kwargs  # type: ignore[arg-type]
         )
 
     def decode_by_hashes(
@@ -174,9 +190,10 @@ class PoolAttention:
         **kwargs: object,
     ) -> torch.Tensor:
         """:func:`~kv_offload.attention.paged_prefill_attention` over this pool's slots."""
+        qsl, pre = _lens(query_start_loc, "query_start_loc"), _lens(prefix_lens, "prefix_lens")
         return paged_prefill_attention(
-            query, key, value, _lens(query_start_loc), self.pool.tensor, _table(block_ids), _lens(prefix_lens),
-            self.geometry, layer, **kwargs,  # type: ignore[arg-type]
+            query, key, value, qsl, self.pool.tensor, _table(block_ids), pre, self.geometry, layer,
+            **kwargs,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def close(self) -> None:

@@ -8,19 +8,29 @@ processes on one node map the same pool. With CUDA present the region is page-lo
 to a power of two); if that fails the pool stays pageable with a warning. With a NUMA node the
 region is bound to that node before its first touch, then touched in parallel.
 
-A shared pool starts with a 4 KiB header (magic, slot size, slot count, geometry), so a
-reader can :meth:`HostPool.attach` it without knowing its shape in advance.
+A shared pool starts with a 4 KiB header (magic, slot size, slot count, geometry, owner), so
+a reader can :meth:`HostPool.attach` it without knowing its shape in advance. What is found
+at the segment's name is checked before use, and a segment left by a dead owner is reclaimed
+(see :mod:`kv_offload.pool.segment`).
+
+A read-only attach maps the segment copy-on-write (``MAP_PRIVATE``): torch has no read-only
+tensors, and writes to a ``PROT_READ`` mapping kill the process with SIGSEGV. Writes through
+the reader's ``tensor`` therefore stay in that process (the written pages stop following the
+owner's updates) and never reach the segment; transfer engines refuse STORE jobs into such a
+pool (:func:`is_read_only`).
 """
 
 from __future__ import annotations
 
 import enum
-import json
+import itertools
 import logging
 import mmap
 import os
 import re
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -29,19 +39,39 @@ import numpy as np
 import torch
 
 from kv_offload.pool.numa import bind_to_node
+from kv_offload.pool.segment import (
+    HEADER_BYTES,
+    Owner,
+    PoolError,
+    SegmentHeader,
+    create_segment,
+    is_same_file,
+    open_segment,
+    read_header,
+)
 
-__all__ = ["PinMode", "PoolSpec", "HostPool", "PoolError", "shm_path"]
+__all__ = ["PinMode", "PoolSpec", "HostPool", "PoolError", "shm_path", "is_read_only", "HEADER_BYTES"]
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"KVOFFLD1"
-HEADER_BYTES = 4096
 _SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
+# Address ranges of live read-only attaches; an entry goes when its mapping is freed.
+_read_only_lock = threading.Lock()
+_read_only: dict[int, tuple[int, int]] = {}
+_read_only_keys = itertools.count()
 
-class PoolError(RuntimeError):
-    pass
+
+def _forget_read_only(key: int) -> None:
+    with _read_only_lock:
+        _read_only.pop(key, None)
+
+
+def is_read_only(address: int, nbytes: int) -> bool:
+    """Whether ``[address, address + nbytes)`` overlaps a pool attached with ``readonly=True``."""
+    with _read_only_lock:
+        return any(start < address + nbytes and address < end for start, end in _read_only.values())
 
 
 class PinMode(str, enum.Enum):
@@ -106,6 +136,7 @@ class HostPool:
         self._owner = True
         self._fd: int | None = None
         self._registered: list[tuple[int, int]] = []
+        self._forget: weakref.finalize[[int], mmap.mmap] | None = None
         data_bytes = self.num_slots * self.slot_bytes
         if spec.shm_name is None:
             self._mmap = mmap.mmap(-1, data_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -128,42 +159,30 @@ class HostPool:
         path = shm_path(spec.shm_name)
         total = HEADER_BYTES + data_bytes
         # Checked before the segment exists: a failure after O_CREAT would leave it behind.
-        header = json.dumps(
-            {"num_slots": self.num_slots, "slot_bytes": self.slot_bytes, "metadata": spec.metadata or {}}
-        ).encode()
-        if len(header) + 12 > HEADER_BYTES:
-            raise PoolError(f"pool metadata too large for the shared header ({len(header)} bytes)")
+        header = SegmentHeader(self.num_slots, self.slot_bytes, dict(spec.metadata or {}), Owner.current()).encode()
         stat = os.statvfs(_SHM_DIR)
         if stat.f_bavail * stat.f_frsize < total:
             raise PoolError(
                 f"{_SHM_DIR} has {stat.f_bavail * stat.f_frsize} bytes free, the pool needs {total}"
                 " (raise the container's shm size or lower cpu_bytes)"
             )
+        fd = create_segment(path, spec.shm_name, total)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError as exc:
-            raise PoolError(
-                f"shared pool {spec.shm_name!r} already exists ({path}); another process owns it"
-            ) from exc
-        try:
-            os.ftruncate(fd, total)
             mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        mm[: len(_MAGIC)] = _MAGIC
-        mm[8:12] = len(header).to_bytes(4, "little")
-        mm[12 : 12 + len(header)] = header
+        mm[: len(header)] = header
         self._fd = fd
         self.shm_path = path
         return mm
 
     def _view(self, data_bytes: int) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only buffers warn; writes are not attempted
-            arr = np.frombuffer(self._mmap, dtype=np.uint8, count=data_bytes, offset=self._data_offset)
-            return torch.from_numpy(arr).view(self.num_slots, self.slot_bytes)
+        # Every mapping is writable (a read-only attach is copy-on-write), so torch gets a
+        # writable buffer and a write through the tensor can never fault.
+        arr = np.frombuffer(self._mmap, dtype=np.uint8, count=data_bytes, offset=self._data_offset)
+        return torch.from_numpy(arr).view(self.num_slots, self.slot_bytes)
 
     def _maybe_pin(self, mode: PinMode) -> bool:
         if mode is PinMode.NEVER or self.readonly:
@@ -186,58 +205,56 @@ class HostPool:
 
     @classmethod
     def attach(cls, shm_name: str, *, readonly: bool = True) -> HostPool:
-        """Map an existing shared pool created by another process (read-only by default)."""
+        """Map an existing shared pool created by another process (read-only by default).
+
+        The segment must be a regular file owned by this user with a valid header; anything
+        else is a :class:`PoolError`. Read-only maps it copy-on-write: writes through
+        ``tensor`` stay in this process and never reach the segment (see the module doc).
+        """
         path = shm_path(shm_name)
-        flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
-            fd = os.open(path, flags)
+            fd, st = open_segment(path, write=not readonly)
         except FileNotFoundError as exc:
             raise PoolError(f"no shared pool named {shm_name!r} ({path})") from exc
         try:
-            mm, header = cls._read_header(fd, path, readonly)
+            header = read_header(fd, st, path)
+            if readonly:
+                # MAP_PRIVATE: writable pages that are copied on first write, so a stray write
+                # neither faults nor reaches the segment; unwritten pages show the owner's data.
+                prot = mmap.PROT_READ | mmap.PROT_WRITE
+                mm = mmap.mmap(fd, header.total_bytes, flags=mmap.MAP_PRIVATE, prot=prot)
+            else:
+                mm = mmap.mmap(fd, header.total_bytes, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             raise
         self = cls.__new__(cls)
         self.spec = PoolSpec(
-            capacity_bytes=header["num_slots"] * header["slot_bytes"],
-            slot_bytes=header["slot_bytes"],
+            capacity_bytes=header.num_slots * header.slot_bytes,
+            slot_bytes=header.slot_bytes,
             pin=PinMode.NEVER,
-            metadata=header["metadata"],
+            metadata=header.metadata,
         )
-        self.num_slots = header["num_slots"]
-        self.slot_bytes = header["slot_bytes"]
+        self.num_slots = header.num_slots
+        self.slot_bytes = header.slot_bytes
         self.readonly = readonly
         self.shm_path = path
         self._owner = False
         self._fd = fd
         self._registered = []
+        self._forget = None
         self._mmap = mm
         self._data_offset = HEADER_BYTES
         self.tensor = self._view(self.num_slots * self.slot_bytes)
         self.base_ptr = int(self.tensor.data_ptr())
         self.pinned = False
+        if readonly:
+            key = next(_read_only_keys)
+            with _read_only_lock:
+                _read_only[key] = (self.base_ptr, self.base_ptr + self.nbytes)
+            # Dropped when the mapping goes: at close, or later when the last view goes.
+            self._forget = weakref.finalize(mm, _forget_read_only, key)
         return self
-
-    @staticmethod
-    def _read_header(fd: int, path: str, readonly: bool) -> tuple[mmap.mmap, dict[str, Any]]:
-        size = os.fstat(fd).st_size
-        if size < HEADER_BYTES:
-            raise PoolError(f"{path} is not a kv_offload pool ({size} bytes)")
-        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
-        try:
-            if mm[: len(_MAGIC)] != _MAGIC:
-                raise PoolError(f"{path} is not a kv_offload pool")
-            n = int.from_bytes(mm[8:12], "little")
-            header: dict[str, Any] = json.loads(mm[12 : 12 + n].decode())
-            need = HEADER_BYTES + header["num_slots"] * header["slot_bytes"]
-            if size < need:
-                raise PoolError(f"{path} holds {size} bytes, its header says {need}")
-        except BaseException:
-            mm.close()
-            raise
-        return mm, header
 
     # -- use -------------------------------------------------------------------------------
     @property
@@ -269,18 +286,21 @@ class HostPool:
         del self.tensor
         try:
             self._mmap.close()
+            if self._forget is not None:
+                self._forget()  # unmapped: the range may now be reused by writable memory
         except BufferError:
             if warn:
                 logger.warning("kv_offload: host pool still has live views; unmapped when they go")
         self._mmap = None  # type: ignore[assignment]
         if self._fd is not None:
+            # Unlink only our own segment: after a reclaim the name may hold another's.
+            if self._owner and self.shm_path is not None and is_same_file(self._fd, self.shm_path):
+                try:
+                    os.unlink(self.shm_path)
+                except FileNotFoundError:
+                    pass
             os.close(self._fd)
             self._fd = None
-        if self._owner and self.shm_path is not None:
-            try:
-                os.unlink(self.shm_path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> HostPool:
         return self

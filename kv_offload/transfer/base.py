@@ -31,11 +31,48 @@ class Direction(str, enum.Enum):
     LOAD = "load"
 
 
-def _as_index_array(values: Sequence[int] | npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    arr = np.asarray(values, dtype=np.int64)
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _as_index_array(values: Sequence[int] | npt.NDArray[np.int64], what: str) -> npt.NDArray[np.int64]:
+    """``values`` as a 1-D int64 array, refusing anything that is not exactly integers.
+
+    ``np.asarray(..., dtype=np.int64)`` would truncate ``1.9`` to ``1``, turn ``True`` into
+    ``1`` and parse ``"1"``: a wrong block would be copied silently.
+    """
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise TransferError(f"{what} must be a 1-D list of integers ({exc})") from exc
     if arr.ndim != 1:
-        raise TransferError(f"block lists must be 1-D, got shape {arr.shape}")
-    return arr
+        raise TransferError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    kind = arr.dtype.kind
+    if kind == "O":
+        items = arr.tolist()
+        if not all(isinstance(v, (int, np.integer)) and not _is_bool(v) for v in items):
+            bad = next(v for v in items if not isinstance(v, (int, np.integer)) or _is_bool(v))
+            raise TransferError(f"{what} must be integers, got {type(bad).__name__} {bad!r}")
+        if not all(_INT64_MIN <= int(v) <= _INT64_MAX for v in items):
+            bad = next(v for v in items if not _INT64_MIN <= int(v) <= _INT64_MAX)
+            raise TransferError(f"{what}: {bad} does not fit in int64")
+        return np.array([int(v) for v in items], dtype=np.int64)
+    if kind == "u":
+        if int(arr.max()) > _INT64_MAX:
+            raise TransferError(f"{what}: {int(arr.max())} does not fit in int64")
+    elif kind != "i":
+        # Floats (even integral ones: a caller computing ids in float has a bug), bools,
+        # strings, complex: refused rather than converted.
+        raise TransferError(f"{what} must be integers, got dtype {arr.dtype}")
+    if isinstance(values, (list, tuple)) and any(_is_bool(v) for v in values):
+        raise TransferError(f"{what} must be integers, got a bool")  # [1, True] is int64 to numpy
+    return arr.astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -55,8 +92,8 @@ class TransferJob:
         device_blocks: Sequence[int] | npt.NDArray[np.int64],
         host_slots: Sequence[int] | npt.NDArray[np.int64],
     ) -> TransferJob:
-        dev = _as_index_array(device_blocks)
-        host = _as_index_array(host_slots)
+        dev = _as_index_array(device_blocks, f"job {job_id}: device blocks")
+        host = _as_index_array(host_slots, f"job {job_id}: host slots")
         if dev.shape != host.shape:
             raise TransferError(
                 f"job {job_id}: {dev.size} device blocks but {host.size} host slots"

@@ -28,7 +28,8 @@ from kv_offload.manager import OffloadManager
 from kv_offload.policies.lru import LRUPolicy
 from kv_offload.pool import HostPool, PinMode, PoolSpec
 from kv_offload.transfer import Direction, TransferJob, build_copy_batch, regions_from_layers
-from kv_offload.transfer.cpu_engine import CpuTransferEngine, run_copy_batch
+from kv_offload.transfer.cpu_engine import CpuTransferEngine
+from kv_offload.transfer.cpu_engine import _run_copy_batch as run_copy_batch  # internal: raw addresses
 
 
 def cpu_model() -> str:

@@ -43,7 +43,8 @@ def path_of(name: str) -> str:
 
 
 def run_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_clean(proc: subprocess.CompletedProcess[str], expect: str) -> None:

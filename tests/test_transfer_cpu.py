@@ -23,7 +23,8 @@ from kv_offload.transfer import (
     coalesce,
     regions_from_layers,
 )
-from kv_offload.transfer.cpu_engine import CpuTransferEngine, run_copy_batch
+from kv_offload.transfer.cpu_engine import CpuTransferEngine
+from kv_offload.transfer.cpu_engine import _run_copy_batch as run_copy_batch  # internal: raw addresses
 
 NUM_BLOCKS = 24
 NUM_SLOTS = 10
@@ -285,7 +286,7 @@ def _reference_copy(batch: CopyBatch) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_copy_segments_matches_reference(seed: int, threads: int) -> None:
+def test_copy_op_matches_reference(seed: int, threads: int) -> None:
     rng = np.random.default_rng(seed)
     src_buf = torch.from_numpy(rng.integers(0, 256, 3 << 20, dtype=np.uint8))
     n = int(rng.integers(1, 40))
@@ -309,7 +310,7 @@ def test_copy_segments_matches_reference(seed: int, threads: int) -> None:
     assert torch.equal(actual, expected)
 
 
-_Q = 1 << 18  # copy_segments uses one thread per 256 KiB at most
+_Q = 1 << 18  # the copy op uses one thread per 256 KiB at most
 
 
 @pytest.mark.parametrize(
@@ -327,7 +328,7 @@ _Q = 1 << 18  # copy_segments uses one thread per 256 KiB at most
     ],
 )
 @pytest.mark.parametrize("threads", [2, 3, 4, 16])
-def test_copy_segments_split_at_segment_boundaries(sizes: list[int], threads: int) -> None:
+def test_copy_op_split_at_segment_boundaries(sizes: list[int], threads: int) -> None:
     total = sum(sizes)
     src = torch.from_numpy(np.random.default_rng(total).integers(0, 256, total, dtype=np.uint8))
     dst = torch.zeros(total + 4096, dtype=torch.uint8)

@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // Batched host-memory copy: the CPU analogue of cuMemcpyBatchAsync.
 //
-// copy_segments(src, dst, sizes, num_threads) copies sizes[i] bytes from address src[i] to
+// _copy_segments(src, dst, sizes, num_threads) copies sizes[i] bytes from address src[i] to
 // address dst[i] for every i. Addresses are raw (int64) because the segments span many
 // tensors (one per layer) and a pool; kv_offload.transfer.plan builds and bounds-checks them
-// before they reach here. Work is split by bytes over `num_threads` threads, so one large
-// segment and many small ones both spread evenly. The GIL is not held (torch.ops releases it).
+// against the engine's KV cache and pool before they reach here. Because it copies between
+// arbitrary addresses the op is internal (underscore name, undocumented); the checks below
+// (NULL addresses, negative sizes, sums and ranges that overflow) are defence in depth, not
+// a licence to call it with untrusted input. Work is split by bytes over `num_threads`
+// threads, so one large segment and many small ones both spread evenly. The GIL is not held
+// (torch.ops releases it).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -33,30 +37,40 @@ void copy_range(const int64_t* src, const int64_t* dst, const int64_t* sizes, in
   }
 }
 
+constexpr int64_t kMaxThreads = 256;
+
 void copy_segments(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& sizes,
                    int64_t num_threads) {
   TORCH_CHECK(src.dim() == 1 && dst.dim() == 1 && sizes.dim() == 1,
-              "copy_segments: src, dst and sizes must be 1-D");
+              "_copy_segments: src, dst and sizes must be 1-D");
   TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong &&
                   sizes.scalar_type() == at::kLong,
-              "copy_segments: src, dst and sizes must be int64");
+              "_copy_segments: src, dst and sizes must be int64");
   TORCH_CHECK(src.numel() == dst.numel() && src.numel() == sizes.numel(),
-              "copy_segments: src, dst and sizes must have the same length");
+              "_copy_segments: src, dst and sizes must have the same length");
   TORCH_CHECK(src.is_cpu() && dst.is_cpu() && sizes.is_cpu(),
-              "copy_segments: descriptor tensors must be on the CPU");
+              "_copy_segments: descriptor tensors must be on the CPU");
   const int64_t n = src.numel();
   if (n == 0) return;
   auto s = src.contiguous(), d = dst.contiguous(), z = sizes.contiguous();
   const int64_t* sp = s.data_ptr<int64_t>();
   const int64_t* dp = d.data_ptr<int64_t>();
   const int64_t* zp = z.data_ptr<int64_t>();
+  TORCH_CHECK(num_threads >= 1, "_copy_segments: num_threads must be >= 1, got ", num_threads);
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(zp[i] >= 0, "copy_segments: negative size at index ", i);
-    total += zp[i];
+    TORCH_CHECK(zp[i] >= 0, "_copy_segments: negative size ", zp[i], " at index ", i);
+    if (zp[i] == 0) continue;
+    TORCH_CHECK(sp[i] != 0 && dp[i] != 0, "_copy_segments: NULL address at index ", i);
+    TORCH_CHECK(sp[i] > 0 && dp[i] > 0, "_copy_segments: negative address at index ", i);
+    int64_t end = 0;
+    TORCH_CHECK(!__builtin_add_overflow(sp[i], zp[i], &end) && !__builtin_add_overflow(dp[i], zp[i], &end),
+                "_copy_segments: address + size overflows at index ", i);
+    TORCH_CHECK(!__builtin_add_overflow(total, zp[i], &total),
+                "_copy_segments: total size overflows int64 at index ", i);
   }
   // Below ~256 KiB a thread start costs more than it saves.
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, total >> 18));
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, kMaxThreads, total >> 18}));
   if (threads == 1) {
     copy_range(sp, dp, zp, 0, 0, n - 1, zp[n - 1]);
     return;
@@ -74,7 +88,8 @@ void copy_segments(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
   };
   std::vector<int64_t> seg_at(threads + 1), off_at(threads + 1);
   for (int64_t t = 0; t <= threads; ++t) {
-    int64_t byte = (total * t) / threads;
+    // 128-bit product: total may be close to INT64_MAX.
+    int64_t byte = static_cast<int64_t>(static_cast<__int128>(total) * t / threads);
     if (t == threads) {
       seg_at[t] = n - 1;
       off_at[t] = zp[n - 1];
@@ -101,9 +116,9 @@ void copy_segments(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kv_offload, m) {
-  m.def("copy_segments(Tensor src, Tensor dst, Tensor sizes, int num_threads) -> ()");
+  m.def("_copy_segments(Tensor src, Tensor dst, Tensor sizes, int num_threads) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kv_offload, CPU, m) { m.impl("copy_segments", &copy_segments); }
+TORCH_LIBRARY_IMPL(kv_offload, CPU, m) { m.impl("_copy_segments", &copy_segments); }
 
 }  // namespace kv_offload

@@ -3,8 +3,12 @@
 
 Jobs run in submission order on one background thread; each job is a batch of byte-range
 descriptors (see :mod:`kv_offload.transfer.plan`) executed by the native
-``copy_segments`` op, which splits the bytes over ``num_threads`` threads and runs without
+``_copy_segments`` op, which splits the bytes over ``num_threads`` threads and runs without
 the GIL. So ``submit`` returns at once and the engine step is never blocked by a copy.
+
+The op copies between raw addresses, so it is internal (underscore-named, not documented):
+every descriptor that reaches it is built by :func:`build_copy_batch` from regions and a pool
+the engine checked when it was built (:func:`host_slots_for`).
 """
 
 from __future__ import annotations
@@ -19,18 +23,22 @@ import torch
 
 from kv_offload._native import load_native
 from kv_offload.transfer.base import TransferEngine, TransferError, TransferJob, TransferResult
-from kv_offload.transfer.plan import CopyBatch, PageRegion, build_copy_batch
+from kv_offload.transfer.plan import CopyBatch, PageRegion, build_copy_batch, host_slots_for
 
-__all__ = ["CpuTransferEngine", "run_copy_batch"]
+__all__ = ["CpuTransferEngine"]
 
 
-def run_copy_batch(batch: CopyBatch, num_threads: int) -> None:
-    """Execute ``batch`` now, on the calling thread (plus ``num_threads - 1`` helpers)."""
+def _run_copy_batch(batch: CopyBatch, num_threads: int) -> None:
+    """Execute ``batch`` now, on the calling thread (plus ``num_threads - 1`` helpers).
+
+    Internal: the addresses are not checked here. Callers pass only batches planned
+    against buffers they own (the engine, tests and the host-copy benchmark).
+    """
     if batch.num_descriptors == 0:
         return
     load_native()
     src, dst, sizes = batch.as_tensors()
-    torch.ops.kv_offload.copy_segments(src, dst, sizes, num_threads)
+    torch.ops.kv_offload._copy_segments(src, dst, sizes, num_threads)
 
 
 _Item = tuple[TransferJob, CopyBatch, float, torch.Tensor]
@@ -66,7 +74,7 @@ class _State:
             job, batch, submitted, _pool = item
             error: str | None = None
             try:
-                run_copy_batch(batch, self.num_threads)
+                _run_copy_batch(batch, self.num_threads)
             except Exception as exc:  # reported as a failed job; the caller recomputes
                 error = f"{type(exc).__name__}: {exc}"
             result = TransferResult(
@@ -92,34 +100,46 @@ class CpuTransferEngine(TransferEngine):
         pool: ``uint8[num_slots, slot_bytes]`` host pool tensor (a backend's ``open()``).
         num_threads: copy threads per job.
 
+    Raises ``ValueError`` when the regions are not CPU memory or a block's pages do not fit
+    in one pool slot. STORE jobs into a pool attached read-only are refused at submit.
+
     Dropping the engine without :meth:`shutdown` stops its thread once the jobs already
     submitted have run.
     """
 
     def __init__(self, regions: Sequence[PageRegion], pool: torch.Tensor, *, num_threads: int = 2) -> None:
-        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu":
-            raise ValueError("pool must be a CPU uint8 tensor [num_slots, slot_bytes]")
-        if not pool[0].is_contiguous():
-            raise ValueError("pool slots must be contiguous")
-        load_native()
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads <= 256:
+            raise ValueError(f"num_threads must be an integer in [1, 256], got {num_threads!r}")
         self.regions = list(regions)
+        for i, r in enumerate(self.regions):
+            if not isinstance(r, PageRegion):
+                raise TypeError(f"region {i}: expected a PageRegion, got {type(r).__name__}")
+            if r.device != "cpu" or r.base == 0:
+                raise ValueError(f"region {i}: the CPU engine copies CPU memory only, got {r.device} memory")
+        slots = host_slots_for(pool, self.regions)
+        load_native()
         self.pool = pool
         self.num_threads = num_threads
-        self._host_base = pool.data_ptr()
-        self._slot_bytes = pool.stride(0)
-        self._num_slots = pool.shape[0]
+        self.read_only = slots.read_only
+        self._host_base = slots.base
+        self._slot_bytes = slots.slot_bytes
+        self._num_slots = slots.num_slots
         self._state = _State(num_threads)
         self._thread = threading.Thread(target=self._state.run, name="kv_offload-cpu-copy", daemon=True)
         self._thread.start()
         weakref.finalize(self, self._state.stop)
 
     def plan(self, job: TransferJob) -> CopyBatch:
-        return build_copy_batch(job, self.regions, self._host_base, self._slot_bytes, self._num_slots)
+        return build_copy_batch(
+            job, self.regions, self._host_base, self._slot_bytes, self._num_slots, read_only=self.read_only
+        )
 
     def submit(self, job: TransferJob) -> None:
         state = self._state
         if state.closed:
             raise TransferError("engine is shut down")
+        if not isinstance(job, TransferJob):
+            raise TypeError(f"expected a TransferJob, got {type(job).__name__}")
         batch = self.plan(job)  # validates ids before anything is queued
         with state.cond:
             # Checked again, and queued, under the lock that shutdown() takes: a job queued

@@ -34,7 +34,7 @@ import torch
 
 from kv_offload.transfer.base import Direction, TransferEngine, TransferJob, TransferResult
 from kv_offload.transfer.cuda_batch import CopyCall, CopyMethod, CopyPolicy, plan_calls
-from kv_offload.transfer.plan import CopyBatch, PageRegion, build_copy_batch
+from kv_offload.transfer.plan import CopyBatch, PageRegion, build_copy_batch, host_slots_for
 from kv_offload.transfer.stream_schedule import Event, Stream, StreamBackend, StreamScheduler
 
 __all__ = ["CudaTransferEngine", "CudaStreamBackend"]
@@ -141,6 +141,9 @@ class CudaTransferEngine(TransferEngine):
         load_src_order_any: let the driver read loads' host sources out of stream order.
         backend: a different :class:`StreamBackend` (tests drive the engine on CPU with a
             deterministic one); the default is real CUDA streams and events.
+
+    Raises ``ValueError`` when a block's pages do not fit in one pool slot. STORE jobs into
+    a pool attached read-only are refused at submit.
     """
 
     def __init__(
@@ -154,29 +157,25 @@ class CudaTransferEngine(TransferEngine):
         load_src_order_any: bool = True,
         backend: StreamBackend | None = None,
     ) -> None:
-        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu":
-            raise ValueError("pool must be a CPU uint8 tensor [num_slots, slot_bytes]")
-        if not pool[0].is_contiguous():
-            raise ValueError("pool slots must be contiguous")
-        if not regions:
-            raise ValueError("no KV cache regions")
         self.regions = list(regions)
+        slots = host_slots_for(pool, self.regions)  # pool shape, and a block fits in one slot
         self.pool = pool
-        self._host_base = int(pool.data_ptr())
-        self._slot_bytes = int(pool.stride(0))
-        self._num_slots = int(pool.shape[0])
+        self.read_only = slots.read_only
+        self._host_base = slots.base
+        self._slot_bytes = slots.slot_bytes
+        self._num_slots = slots.num_slots
         if backend is None:
             backend, policy = self._cuda_backend(device, policy, load_src_order_any)
         self.backend = backend
         self.policy = policy if policy is not None else CopyPolicy(batch_available=False)
         # Plain closures, not bound methods: the scheduler must not reference the engine, so
         # dropping the engine frees it (and its view of the pool) at once, without the GC.
-        regions_, base, slot_bytes, num_slots, policy_ = (
-            self.regions, self._host_base, self._slot_bytes, self._num_slots, self.policy
+        regions_, base, slot_bytes, num_slots, policy_, read_only = (
+            self.regions, self._host_base, self._slot_bytes, self._num_slots, self.policy, self.read_only
         )  # fmt: skip
         self._sched = StreamScheduler(
             backend,
-            lambda job: build_copy_batch(job, regions_, base, slot_bytes, num_slots),
+            lambda job: build_copy_batch(job, regions_, base, slot_bytes, num_slots, read_only=read_only),
             lambda batch: plan_calls(batch, policy_),
             streams_per_direction=streams_per_direction,
         )
@@ -217,7 +216,9 @@ class CudaTransferEngine(TransferEngine):
     # -- planning (pure) ---------------------------------------------------------------------
     def plan(self, job: TransferJob) -> CopyBatch:
         """Coalesced descriptors of ``job``; raises :class:`TransferError` on bad ids."""
-        return build_copy_batch(job, self.regions, self._host_base, self._slot_bytes, self._num_slots)
+        return build_copy_batch(
+            job, self.regions, self._host_base, self._slot_bytes, self._num_slots, read_only=self.read_only
+        )
 
     def plan_calls(self, batch: CopyBatch) -> list[CopyCall]:
         return plan_calls(batch, self.policy)

@@ -23,9 +23,12 @@ import numpy.typing as npt
 import torch
 
 from kv_offload.geometry import KVGeometry
+from kv_offload.pool.host_pool import is_read_only
 from kv_offload.transfer.base import Direction, TransferError, TransferJob
 
-__all__ = ["PageRegion", "CopyBatch", "regions_from_layers", "build_copy_batch", "coalesce"]
+__all__ = [
+    "PageRegion", "CopyBatch", "HostSlots", "regions_from_layers", "host_slots_for", "build_copy_batch", "coalesce",
+]  # fmt: skip
 
 I64 = npt.NDArray[np.int64]
 
@@ -39,10 +42,14 @@ class PageRegion:
     block_stride: int
     page_bytes: int
     host_offset: int
+    #: device type of the memory at ``base`` (``"cpu"``, ``"cuda"``, ``"meta"``, ...)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 0 or self.page_bytes <= 0:
             raise ValueError(f"empty page region: {self}")
+        if self.base < 0 or self.host_offset < 0:
+            raise ValueError(f"page region with a negative address or host offset: {self}")
         if self.block_stride < self.page_bytes:
             raise ValueError(
                 f"page region block_stride {self.block_stride} < page_bytes {self.page_bytes}:"
@@ -81,6 +88,10 @@ def regions_from_layers(layers: Sequence[torch.Tensor], geometry: KVGeometry) ->
         raise ValueError(f"expected {geometry.num_layers} layer tensors, got {len(layers)}")
     regions = []
     for layer, t in enumerate(layers):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"layer {layer}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"layer {layer}: KV tensor must be dense (strided), got layout {t.layout}")
         if t.dim() < 1 or t.shape[0] == 0:
             raise ValueError(f"layer {layer}: KV tensor must have a non-empty block dim 0")
         if not t[0].is_contiguous():
@@ -98,9 +109,54 @@ def regions_from_layers(layers: Sequence[torch.Tensor], geometry: KVGeometry) ->
                 block_stride=t.stride(0) * t.element_size(),
                 page_bytes=page,
                 host_offset=geometry.page_offset(layer),
+                device=t.device.type,
             )
         )
     return regions
+
+
+@dataclass(frozen=True)
+class HostSlots:
+    """Where an engine's host pool is, as checked once when the engine is built."""
+
+    base: int
+    slot_bytes: int
+    num_slots: int
+    #: the pool is a read-only attach of a shared segment: STORE jobs are refused
+    read_only: bool
+
+
+def host_slots_for(pool: torch.Tensor, regions: Sequence[PageRegion]) -> HostSlots:
+    """Check ``pool`` (``uint8[num_slots, slot_bytes]`` on the CPU) against ``regions``.
+
+    Raises ``ValueError`` when a block's pages do not fit in one slot: a pool built for a
+    smaller KV geometry would otherwise be written past its end.
+    """
+    if not isinstance(pool, torch.Tensor):
+        raise TypeError(f"pool must be a torch.Tensor, got {type(pool).__name__}")
+    if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu" or pool.layout != torch.strided:
+        raise ValueError(
+            f"pool must be a CPU uint8 tensor [num_slots, slot_bytes], got {pool.dtype} {tuple(pool.shape)}"
+            f" on {pool.device}"
+        )
+    if pool.shape[0] == 0 or pool.shape[1] == 0:
+        raise ValueError(f"pool has no room: shape {tuple(pool.shape)}")
+    if pool.stride(1) != 1 or pool.stride(0) < pool.shape[1]:
+        raise ValueError(f"pool slots must be contiguous and disjoint, got strides {pool.stride()}")
+    if not regions:
+        raise ValueError("no KV cache regions")
+    need = max(r.host_offset + r.page_bytes for r in regions)
+    have = int(pool.shape[1])
+    if need > have:
+        raise ValueError(
+            f"a KV block needs {need} bytes of a host slot, the pool's slots hold {have} bytes"
+            " (was the pool built for a smaller KV geometry?)"
+        )
+    base = int(pool.data_ptr())
+    num_slots = int(pool.shape[0])
+    slot_bytes = int(pool.stride(0))
+    nbytes = (num_slots - 1) * slot_bytes + have
+    return HostSlots(base, slot_bytes, num_slots, read_only=is_read_only(base, nbytes))
 
 
 def _check_indices(values: I64, limit: int, what: str, job_id: int) -> None:
@@ -117,13 +173,31 @@ def build_copy_batch(
     num_slots: int,
     *,
     merge: bool = True,
+    read_only: bool = False,
 ) -> CopyBatch:
     """Descriptors for ``job``, block-major (all pages of pair 0, then pair 1, ...).
 
-    Raises :class:`TransferError` for out-of-range ids or two sources writing one block.
+    Raises :class:`TransferError` for out-of-range ids, two sources writing one block, a
+    block whose pages overrun a ``slot_bytes`` slot, or a STORE into a ``read_only`` pool.
     """
     if not regions:
         raise TransferError("no KV cache regions registered")
+    if not isinstance(job.direction, Direction):
+        raise TransferError(f"job {job.job_id}: direction must be a Direction, got {job.direction!r}")
+    if read_only and job.direction is Direction.STORE:
+        raise TransferError(
+            f"job {job.job_id}: STORE into a read-only host pool (attached with readonly=True)"
+        )
+    for what, ids in (("device blocks", job.device_blocks), ("host slots", job.host_slots)):
+        if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
+            raise TransferError(f"job {job.job_id}: {what} must be a 1-D int64 array (use TransferJob.make)")
+    if job.device_blocks.shape != job.host_slots.shape:
+        raise TransferError(
+            f"job {job.job_id}: {job.device_blocks.size} device blocks but {job.host_slots.size} host slots"
+        )
+    need = max(r.host_offset + r.page_bytes for r in regions)
+    if need > slot_bytes:
+        raise TransferError(f"a KV block needs {need} bytes of a host slot, the slots hold {slot_bytes}")
     num_blocks = min(r.num_blocks for r in regions)
     _check_indices(job.device_blocks, num_blocks, "device block", job.job_id)
     _check_indices(job.host_slots, num_slots, "host slot", job.job_id)

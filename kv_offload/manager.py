@@ -15,7 +15,13 @@ Rules the manager keeps (and the state-machine test checks):
 * a block being read (``prepare_load`` without ``complete_load``) is never evicted;
 * ``prepare_store`` returns ``None`` ("cannot store") when eviction cannot make room, and
   changes nothing in that case;
-* ``complete_store(success=False)`` frees what the store reserved.
+* ``complete_store(success=False)`` frees what the store reserved;
+* ``complete_load(success=False)`` takes the blocks out of the index (their copy may be
+  bad, and a request that recomputes must not be offered the same failing load again);
+  a block still read by another load is hidden at once and dropped when that load ends;
+* what a plug-in eviction policy returns is checked before anything changes
+  (:class:`PolicyError` otherwise);
+* a store that cannot make room for every new block reserves the leading ones that fit.
 
 Not thread-safe: one scheduler thread drives it, as in vLLM.
 """
@@ -23,18 +29,25 @@ Not thread-safe: one scheduler thread drives it, as in vLLM.
 from __future__ import annotations
 
 import enum
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from kv_offload.policies.base import EvictionPolicy, OffloadKey
 
-__all__ = ["OffloadManager", "StorePlan", "OffloadEvent", "EventKind", "ManagerStats"]
+__all__ = ["OffloadManager", "StorePlan", "OffloadEvent", "EventKind", "ManagerStats", "PolicyError"]
+
+
+class PolicyError(RuntimeError):
+    """An eviction policy returned victims the manager cannot accept (a policy bug)."""
 
 
 class EventKind(str, enum.Enum):
     STORED = "stored"
     EVICTED = "evicted"
+    #: dropped because a load of them failed
+    INVALIDATED = "invalidated"
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class StorePlan:
     slots: tuple[int, ...]
     #: keys evicted to make room (their slots are among ``slots``)
     evicted: tuple[OffloadKey, ...]
+    #: new keys left out because no room could be made for them (the tail of the offer)
+    skipped: tuple[OffloadKey, ...] = ()
 
 
 @dataclass
@@ -65,8 +80,12 @@ class ManagerStats:
     store_failures: int = 0
     stores_skipped: int = 0
     evictions: int = 0
+    #: blocks dropped from the index after a failed load
+    invalidated: int = 0
     bytes_loaded: int = 0
     bytes_stored: int = 0
+    #: events discarded because nobody took them (see ``max_events``)
+    events_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -77,6 +96,12 @@ class _Entry:
     slot: int
     readers: int = 0
     writing: bool = True
+    #: a load of this block failed: hidden from lookups, dropped when its last reader ends
+    doomed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return not (self.writing or self.doomed)
 
 
 @dataclass
@@ -115,6 +140,8 @@ class OffloadManager:
         store_threshold: store a block only once it was offered this many times
             (``0`` or ``1``: store on first sight).
         max_tracker_size: keys remembered by the admission counter.
+        max_events: stored/evicted events kept for :meth:`take_events`; older ones are
+            dropped (and counted) when nobody takes them, so a server never grows them.
     """
 
     def __init__(
@@ -125,6 +152,7 @@ class OffloadManager:
         block_bytes: int = 0,
         store_threshold: int = 0,
         max_tracker_size: int = 64_000,
+        max_events: int = 4096,
     ) -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
@@ -133,9 +161,11 @@ class OffloadManager:
         self.block_bytes = block_bytes
         self.stats = ManagerStats()
         self._entries: dict[OffloadKey, _Entry] = {}
-        # Pop from the end: slots are handed out 0, 1, 2, ... on a fresh pool.
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
-        self._events: list[OffloadEvent] = []
+        # Free slots: those given back (reused first) plus the never-used range
+        # [_fresh, num_slots), handed out 0, 1, 2, ... (no list of every slot is built).
+        self._free: list[int] = []
+        self._fresh = 0
+        self._events: deque[OffloadEvent] = deque(maxlen=max(1, max_events))
         self._admission = (
             _AdmissionTracker(store_threshold, max_tracker_size) if store_threshold >= 2 else None
         )
@@ -147,7 +177,7 @@ class OffloadManager:
         hits = 0
         for key in keys:
             entry = entries.get(key)
-            if entry is None or entry.writing:
+            if entry is None or not entry.ready:
                 break
             hits += 1
         self.stats.lookup_keys += len(keys)
@@ -157,7 +187,7 @@ class OffloadManager:
     def contains(self, key: OffloadKey) -> bool:
         """Whether ``key`` is stored and ready (no counters touched)."""
         entry = self._entries.get(key)
-        return entry is not None and not entry.writing
+        return entry is not None and entry.ready
 
     @property
     def num_used(self) -> int:
@@ -165,7 +195,7 @@ class OffloadManager:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_slots - self._fresh
 
     @property
     def num_reading(self) -> int:
@@ -177,11 +207,11 @@ class OffloadManager:
 
     def slot_of(self, key: OffloadKey) -> int | None:
         entry = self._entries.get(key)
-        return None if entry is None or entry.writing else entry.slot
+        return None if entry is None or not entry.ready else entry.slot
 
     def index(self) -> dict[OffloadKey, int]:
         """Snapshot of ready blocks: key -> slot (for serving attention in place)."""
-        return {k: e.slot for k, e in self._entries.items() if not e.writing}
+        return {k: e.slot for k, e in self._entries.items() if e.ready}
 
     # -- loads ---------------------------------------------------------------------------
     def prepare_load(self, keys: Sequence[OffloadKey]) -> list[int]:
@@ -193,8 +223,8 @@ class OffloadManager:
         entries = []
         for key in keys:
             entry = self._entries.get(key)
-            if entry is None or entry.writing:
-                raise KeyError(f"block {key.hex()} is not stored (or still being written)")
+            if entry is None or not entry.ready:
+                raise KeyError(f"block {key.hex()} is not stored (or still being written, or invalidated)")
             entries.append(entry)
         for key, entry in zip(keys, entries):
             entry.readers += 1
@@ -204,17 +234,29 @@ class OffloadManager:
     def complete_load(self, keys: Sequence[OffloadKey], success: bool = True) -> None:
         """The read of ``keys`` finished; they may be evicted again.
 
-        Raises ``KeyError`` if a key has no load in progress (as often as it is listed),
-        and then changes nothing.
+        On failure the blocks leave the index: whatever made the load fail (a bad copy, a
+        bad block) would make the same load fail again, and the request that recomputes
+        must not be matched to it. A block another load still reads is hidden now and
+        dropped when that load ends. Raises ``KeyError`` if a key has no load in progress
+        (as often as it is listed), and then changes nothing.
         """
         entries = []
         for key, times in Counter(keys).items():
             entry = self._entries.get(key)
             if entry is None or entry.readers < times:
                 raise KeyError(f"block {key.hex()} has no load in progress")
-            entries.append((entry, times))
-        for entry, times in entries:
+            entries.append((key, entry, times))
+        dropped: list[OffloadKey] = []
+        for key, entry, times in entries:
             entry.readers -= times
+            if not success and not entry.doomed:
+                entry.doomed = True
+                self.stats.invalidated += 1
+            if entry.doomed and entry.readers == 0:
+                self._release(key)
+                dropped.append(key)
+        if dropped:
+            self._record(EventKind.INVALIDATED, dropped)
         if success:
             self.stats.loads += len(keys)
             self.stats.bytes_loaded += len(keys) * self.block_bytes
@@ -228,12 +270,15 @@ class OffloadManager:
                 self.policy.touch(key)
 
     # -- stores --------------------------------------------------------------------------
-    def prepare_store(self, keys: Sequence[OffloadKey]) -> StorePlan | None:
+    def prepare_store(self, keys: Sequence[OffloadKey], keep: Iterable[OffloadKey] = ()) -> StorePlan | None:
         """Reserve slots for the ``keys`` not stored yet, evicting if needed.
 
         Keys already stored (or being stored) are touched and skipped; with an admission
-        threshold, keys not seen often enough are skipped too. Returns ``None`` when room
-        cannot be made (every candidate victim is in use): nothing is changed then.
+        threshold, keys not seen often enough are skipped too. Blocks in ``keys`` and
+        ``keep`` (e.g. the earlier blocks of the same prompt) are never evicted for this
+        store. When room cannot be made for every new key, the leading ones that fit are
+        reserved and the rest are returned in ``skipped``; ``None`` ("cannot store") means
+        not even the first fits, and then nothing is changed.
         """
         seen: set[OffloadKey] = set()
         new: list[OffloadKey] = []
@@ -247,33 +292,68 @@ class OffloadManager:
                 new.append(key)
         if not new:
             return StorePlan((), (), ())
-        shortfall = len(new) - len(self._free)
-        evicted: list[OffloadKey] = []
+        victims: list[OffloadKey] = []
+        skipped: list[OffloadKey] = []
+        shortfall = len(new) - self.num_free
         if shortfall > 0:
-            entries = self._entries
-
-            def evictable(key: OffloadKey) -> bool:
-                entry = entries[key]
-                return entry.readers == 0 and not entry.writing and key not in seen
-
-            victims = self.policy.evict(shortfall, evictable)
-            if victims is None:
+            keep_set = seen.union(keep)
+            victims, room = self._evict(shortfall, keep_set)
+            if room < shortfall:
+                fit = len(new) - (shortfall - room)
+                new, skipped = new[:fit], new[fit:]
                 if self._admission is not None:
-                    self._admission.undo_admit(new)
-                self.stats.stores_skipped += len(new)
-                return None
-            for key in victims:
-                self._free.append(entries.pop(key).slot)
-            evicted = victims
+                    self._admission.undo_admit(skipped)
+                self.stats.stores_skipped += len(skipped)
+                if not new:
+                    return None
+        for key in victims:
+            self._release(key, from_policy=True)
+        if victims:
             self.stats.evictions += len(victims)
-            self._events.append(OffloadEvent(EventKind.EVICTED, tuple(victims)))
+            self._record(EventKind.EVICTED, victims)
         slots = []
         for key in new:
-            slot = self._free.pop()
+            slot = self._take_slot()
             self._entries[key] = _Entry(slot=slot)
             self.policy.insert(key)
             slots.append(slot)
-        return StorePlan(tuple(new), tuple(slots), tuple(evicted))
+        return StorePlan(tuple(new), tuple(slots), tuple(victims), tuple(skipped))
+
+    def _evict(self, n: int, keep: set[OffloadKey]) -> tuple[list[OffloadKey], int]:
+        """Ask the policy for ``n`` victims (or as many as can go); nothing is freed yet.
+
+        Returns the checked victims and how many they are.
+        """
+        entries = self._entries
+
+        def evictable(key: OffloadKey) -> bool:
+            entry = entries.get(key)
+            return entry is not None and entry.readers == 0 and entry.ready and key not in keep
+
+        victims = self.policy.evict(n, evictable)
+        if victims is None:
+            # Not all n can go: count what can (a scan, only on this rare path) and take that.
+            n = sum(1 for key in entries if evictable(key))
+            victims = self.policy.evict(n, evictable) if n else []
+            if victims is None:
+                self._policy_error(f"returned None for {n} victims while {n} blocks are evictable")
+        self._check_victims(victims, n, evictable)
+        return list(victims), len(victims)
+
+    def _check_victims(self, victims: object, n: int, evictable: Callable[[OffloadKey], bool]) -> None:
+        if not isinstance(victims, (list, tuple)):
+            self._policy_error(f"evict() returned {type(victims).__name__}, expected a list of keys or None")
+        if len(victims) != n:
+            self._policy_error(f"evict({n}) returned {len(victims)} victims")
+        if len(set(victims)) != len(victims):
+            self._policy_error("evict() returned the same key twice")
+        for key in victims:
+            if not evictable(key):
+                what = "unknown" if key not in self._entries else "in use or protected"
+                self._policy_error(f"evict() returned block {key!r}, which is {what}")
+
+    def _policy_error(self, what: str) -> NoReturn:
+        raise PolicyError(f"kv_offload: eviction policy {type(self.policy).__name__} {what}; nothing was evicted")
 
     def complete_store(self, keys: Sequence[OffloadKey], success: bool = True) -> None:
         """The copy into the reserved slots finished; on failure the slots are freed.
@@ -292,14 +372,12 @@ class OffloadManager:
                 entry.writing = False
                 done.append(key)
             else:
-                del self._entries[key]
-                self.policy.remove(key)
-                self._free.append(entry.slot)
+                self._release(key)
         if success:
             self.stats.stores += len(done)
             self.stats.bytes_stored += len(done) * self.block_bytes
             if done:
-                self._events.append(OffloadEvent(EventKind.STORED, tuple(done)))
+                self._record(EventKind.STORED, done)
         else:
             self.stats.store_failures += len(keys)
 
@@ -308,22 +386,46 @@ class OffloadManager:
         """Evict every block not in use (prefix-cache reset). Returns how many went."""
         idle = [k for k, e in self._entries.items() if e.readers == 0 and not e.writing]
         for key in idle:
-            self._free.append(self._entries.pop(key).slot)
-            self.policy.remove(key)
+            self._release(key)
         if idle:
             self.stats.evictions += len(idle)
-            self._events.append(OffloadEvent(EventKind.EVICTED, tuple(idle)))
+            self._record(EventKind.EVICTED, idle)
         return len(idle)
 
     def take_events(self) -> list[OffloadEvent]:
-        events, self._events = self._events, []
+        """Events since the last call (at most ``max_events``; older ones were dropped)."""
+        events = list(self._events)
+        self._events.clear()
         return events
+
+    # -- internals -----------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._fresh >= self.num_slots:
+            raise AssertionError("no free slot left (manager bookkeeping is broken)")
+        self._fresh += 1
+        return self._fresh - 1
+
+    def _release(self, key: OffloadKey, *, from_policy: bool = False) -> None:
+        """Drop ``key`` and free its slot (the policy already forgot victims it returned)."""
+        self._free.append(self._entries.pop(key).slot)
+        if not from_policy:
+            self.policy.remove(key)
+
+    def _record(self, kind: EventKind, keys: Sequence[OffloadKey]) -> None:
+        if len(self._events) == self._events.maxlen:
+            self.stats.events_dropped += 1
+        self._events.append(OffloadEvent(kind, tuple(keys)))
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the bookkeeping is inconsistent (tests, debugging)."""
         slots = [e.slot for e in self._entries.values()]
-        assert len(slots) + len(self._free) == self.num_slots, "slots leaked or duplicated"
-        assert len(set(slots) | set(self._free)) == self.num_slots, "a slot is owned twice"
+        free = self._free + list(range(self._fresh, self.num_slots))
+        assert len(slots) + len(free) == self.num_slots, "slots leaked or duplicated"
+        assert len(set(slots) | set(free)) == self.num_slots, "a slot is owned twice"
+        assert all(0 <= s < self._fresh for s in slots + self._free), "a slot beyond the handed-out range"
         for key, entry in self._entries.items():
             assert entry.readers >= 0, f"negative readers on {key.hex()}"
             assert not (entry.writing and entry.readers), f"{key.hex()} read while written"
+            assert not entry.doomed or entry.readers > 0, f"{key.hex()} invalidated but kept with no reader"

@@ -2,7 +2,9 @@
 """Random operation sequences against the manager, checked against a plain model.
 
 Checked after every step: capacity never exceeded, no block evicted while it is read or
-written, lookups agree with what was stored (and not evicted since), slots never shared.
+written, lookups agree with what was stored (and not evicted or invalidated by a failed
+load since), slots never shared, a store that does not fit reserves exactly the leading
+blocks that room can be made for.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.reading: list[tuple[bytes, ...]] = []  # outstanding loads
         self.slots: dict[bytes, int] = {}
         self.offers: dict[bytes, int] = {}  # the admission counter's model
+        self.doomed: set[bytes] = set()  # a load failed, another load still reads them
 
     @initialize(policy=st.sampled_from(POLICIES.names()), num_slots=st.integers(1, 8),
                 threshold=st.sampled_from([0, 0, 2]))  # fmt: skip
@@ -60,7 +63,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def prepare_store(self, keys: list[bytes]) -> None:
         used_before = self.m.num_used
         protected = self.busy()
-        offered = [k for k in dict.fromkeys(keys) if k not in self.ready and k not in self.in_flight_writes()]
+        offered = [k for k in dict.fromkeys(keys) if k not in self.slots]
         if self.threshold < 2:
             expected_new = offered
         else:
@@ -68,12 +71,17 @@ class ManagerMachine(RuleBasedStateMachine):
             expected_new = [k for k in offered if self.offers.get(k, 0) + 1 >= self.threshold]
             for k in offered:
                 self.offers[k] = self.offers.get(k, 0) + 1
+        # Room: free slots plus ready blocks nobody uses that are not part of this store.
+        evictable = self.ready - protected - set(keys)
+        fit = min(len(expected_new), self.m.num_slots - len(self.slots) + len(evictable))
         plan = self.m.prepare_store(keys)
         if plan is None:
             # "Cannot store": nothing may have changed, and the refused keys stay admitted.
             assert self.m.num_used == used_before
-            assert expected_new
+            assert expected_new and fit == 0
             return
+        assert list(plan.keys) == expected_new[:fit], "not the leading blocks that fit"
+        assert list(plan.skipped) == expected_new[fit:]
         for k in plan.keys:
             self.offers.pop(k, None)
         assert set(plan.evicted).isdisjoint(protected), "evicted a block being read or written"
@@ -85,7 +93,6 @@ class ManagerMachine(RuleBasedStateMachine):
         for k in plan.keys:
             assert k not in self.ready and k not in self.in_flight_writes()
             assert k in keys
-        assert list(plan.keys) == expected_new
         assert len(set(plan.slots)) == len(plan.slots)
         assert set(plan.slots).isdisjoint(self.slots.values()), "slot handed out twice"
         for k, s in zip(plan.keys, plan.slots):
@@ -117,7 +124,17 @@ class ManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.reading))
     @rule(index=st.integers(0, 100), success=st.booleans())
     def complete_load(self, index: int, success: bool) -> None:
-        self.m.complete_load(self.reading.pop(index % len(self.reading)), success=success)
+        keys = self.reading.pop(index % len(self.reading))
+        self.m.complete_load(keys, success=success)
+        if not success:
+            # A failed load takes its blocks out of the index, at once for lookups...
+            self.doomed.update(keys)
+            self.ready.difference_update(keys)
+        still_read = {k for hit in self.reading for k in hit}
+        for k in list(self.doomed):
+            if k not in still_read:  # ...and out of the pool once nobody reads them
+                self.doomed.discard(k)
+                self.slots.pop(k)
 
     @rule(keys=key_lists)
     def touch(self, keys: list[bytes]) -> None:
@@ -127,7 +144,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def clear(self) -> None:
         busy = self.busy()
         self.m.clear()
-        for k in list(self.ready):
+        for k in list(self.ready | self.doomed):
             if k not in busy:
                 self.ready.discard(k)
                 self.slots.pop(k)

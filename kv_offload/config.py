@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,14 @@ _UNITS = {
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BYTES_RE = re.compile(r"\s*(\d{1,24}(?:\.\d{1,24})?)\s*([a-zA-Z]{0,3})\s*")
+#: The largest byte count accepted anywhere (1 EiB): past it a value is a typo, not a size.
+MAX_BYTES = 2**60
+#: Upper bounds of the integer keys (a value past them is a mistake, never a setting).
+_INT_LIMITS = {
+    "store_threshold": (0, 2**31), "max_tracker_size": (1, 10**8), "transfer_threads": (1, 256),
+    "min_load_tokens": (0, 2**31), "fail_load_every": (0, 2**31), "fail_store_every": (0, 2**31),
+}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -32,24 +40,37 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _show(value: object) -> str:
+    """A short, always printable rendering of a bad value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception:  # e.g. a container of integers too long to print
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_bytes(value: object, key: str = "cpu_bytes") -> int:
-    """``4294967296``, ``"4GiB"``, ``"4G"`` (decimal), ``"512 MiB"`` -> bytes."""
+    """``4294967296``, ``"4GiB"``, ``"4G"`` (decimal), ``"512 MiB"`` -> bytes (at most 1 EiB)."""
     if isinstance(value, bool):
-        raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {value!r}")
+        raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {value}")
     if isinstance(value, int):
         result = value
     elif isinstance(value, float) and value.is_integer():
         result = int(value)
     elif isinstance(value, str):
-        m = _BYTES_RE.match(value)
+        m = _BYTES_RE.fullmatch(value)
         unit = m.group(2).lower() if m else ""
         if m is None or unit not in _UNITS:
-            raise ConfigError(key, f"cannot parse {value!r} as a byte count (e.g. 4294967296, '4GiB', '512MB')")
-        result = int(float(m.group(1)) * _UNITS[unit])
+            raise ConfigError(key, f"cannot parse {_show(value)} as a byte count (e.g. 4294967296, '4GiB', '512MB')")
+        result = int(Fraction(m.group(1)) * _UNITS[unit])  # exact: no float rounding or overflow
     else:
-        raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {value!r}")
+        raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {type(value).__name__}")
     if result <= 0:
-        raise ConfigError(key, f"must be positive, got {value!r}")
+        raise ConfigError(key, f"must be positive, got {_show(value)}")
+    if result > MAX_BYTES:
+        raise ConfigError(key, f"{_show(value)} is more than the largest supported size (2**60 bytes, 1 EiB)")
     return result
 
 
@@ -57,14 +78,14 @@ def _check_type(key: str, value: object, types: tuple[type, ...], what: str) -> 
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(key, f"expected {what}, got {value!r}")
     if not isinstance(value, types):
-        raise ConfigError(key, f"expected {what}, got {type(value).__name__} {value!r}")
+        raise ConfigError(key, f"expected {what}, got {type(value).__name__} {_show(value)}")
 
 
-def _int_at_least(key: str, value: object, low: int) -> int:
+def _int_in(key: str, value: object, low: int, high: int) -> int:
     _check_type(key, value, (int,), "an int")
     assert isinstance(value, int)
-    if value < low:
-        raise ConfigError(key, f"must be >= {low}, got {value}")
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be between {low} and {high}, got {_show(value)}")
     return value
 
 
@@ -127,9 +148,9 @@ class OffloadConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError("kv_connector_extra_config", f"expected a JSON object, got {raw!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
+        unknown = sorted((k for k in raw if k not in names), key=repr)
         if unknown:
-            raise ConfigError(unknown[0], f"unknown key; accepted keys: {sorted(names)}")
+            raise ConfigError(str(unknown[0])[:60], f"unknown key; accepted keys: {sorted(names)}")
         if "cpu_bytes" not in raw:
             raise ConfigError("cpu_bytes", "is required (pool capacity, e.g. 4294967296 or '4GiB')")
         values: dict[str, Any] = dict(raw)
@@ -147,12 +168,12 @@ class OffloadConfig:
                 shm_path(values["shm_name"])
             except ValueError as exc:
                 raise ConfigError("shm_name", str(exc)) from None
-        for key, low in (("store_threshold", 0), ("max_tracker_size", 1), ("transfer_threads", 1),
-                         ("min_load_tokens", 0), ("fail_load_every", 0), ("fail_store_every", 0)):  # fmt: skip
+        for key, (low, high) in _INT_LIMITS.items():
             if key in raw:
-                values[key] = _int_at_least(key, raw[key], low)
+                values[key] = _int_in(key, raw[key], low, high)
         if "numa_node" in raw:
-            values["numa_node"] = _optional("numa_node", raw["numa_node"], lambda k, v: _int_at_least(k, v, 0))
+            # Linux numbers NUMA nodes below 1024 (MAX_NUMNODES).
+            values["numa_node"] = _optional("numa_node", raw["numa_node"], lambda k, v: _int_in(k, v, 0, 1023))
         for key in ("pin_memory", "offload_prompt_only", "recompute_on_load_failure"):
             if key in raw:
                 _check_type(key, raw[key], (bool,), "true or false")

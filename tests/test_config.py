@@ -63,3 +63,40 @@ def test_bad_value_names_the_key(raw: dict[str, Any], key: str) -> None:
 def test_not_a_mapping() -> None:
     with pytest.raises(ConfigError, match="kv_connector_extra_config"):
         OffloadConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+# Values a hostile-input probe found raising raw exceptions (OverflowError, MemoryError) or
+# accepted and failing much later; each must be a ConfigError naming its key at parse time.
+HOSTILE: list[tuple[dict[str, Any], str]] = [
+    ({"cpu_bytes": "1" * 400 + "TiB"}, "cpu_bytes"),  # float() overflowed
+    ({"cpu_bytes": "1" * 20 + "TiB"}, "cpu_bytes"),
+    ({"cpu_bytes": 10**30}, "cpu_bytes"),
+    ({"cpu_bytes": 2**62}, "cpu_bytes"),
+    ({"cpu_bytes": 10**5000}, "cpu_bytes"),  # too long even to print as an int
+    ({"cpu_bytes": -(10**5000)}, "cpu_bytes"),
+    ({"cpu_bytes": float("inf")}, "cpu_bytes"),
+    ({"cpu_bytes": float("nan")}, "cpu_bytes"),
+    ({"cpu_bytes": 1, "transfer_threads": 2**70}, "transfer_threads"),
+    ({"cpu_bytes": 1, "transfer_threads": 257}, "transfer_threads"),
+    ({"cpu_bytes": 1, "numa_node": 2**70}, "numa_node"),
+    ({"cpu_bytes": 1, "store_threshold": 10**5000}, "store_threshold"),
+    ({"cpu_bytes": 1, "max_tracker_size": 2**64}, "max_tracker_size"),
+    ({"cpu_bytes": 1, "fail_load_every": [10**5000]}, "fail_load_every"),
+    ({"cpu_bytes": 1, 7: 1}, "7"),  # a non-string key next to string keys
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), HOSTILE, ids=[f"{k}-{i}" for i, (_, k) in enumerate(HOSTILE)])
+def test_hostile_value_names_the_key(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        OffloadConfig.from_dict(raw)
+    assert info.value.key == key
+    assert len(str(info.value)) < 1000, "the message must stay readable"
+
+
+def test_byte_counts_parse_exactly() -> None:
+    # No float rounding: 1.1 GiB is exactly 1.1 * 2**30 rounded down, and the cap is exact.
+    assert parse_bytes("1.1GiB") == (11 * 2**30) // 10
+    assert parse_bytes(2**60) == 2**60
+    with pytest.raises(ConfigError, match="largest supported size"):
+        parse_bytes(2**60 + 1)

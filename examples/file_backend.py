@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kv_offload import BackendSpec, StorageBackend
+from kv_offload.config import ConfigError
 
 
 class FileBackend(StorageBackend):
@@ -37,7 +38,7 @@ class FileBackend(StorageBackend):
         super().__init__(spec)
         path = spec.options.get("path")
         if not isinstance(path, str) or not path:
-            raise ValueError("backend_options.path must name a directory for FileBackend")
+            raise ConfigError("backend_options", "'path' must name a directory for FileBackend")
         self.file = os.path.join(path, "kv_offload_blocks.bin")
         self._mmap: mmap.mmap | None = None
         self._fd: int | None = None

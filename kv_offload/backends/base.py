@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kv_offload.config import ConfigError
 from kv_offload.geometry import KVGeometry
 
 __all__ = ["BackendSpec", "StorageBackend"]
@@ -37,6 +38,8 @@ class BackendSpec:
         numa_node: NUMA node for host memory, if any.
         shm_name: shared-memory segment name, if the pool is to be shared.
         pin: page-lock for CUDA DMA when a GPU is present.
+        world_size: workers that each build a spec like this one (``capacity_bytes`` is
+            one worker's share; a node-wide limit applies to ``capacity_bytes * world_size``).
     """
 
     capacity_bytes: int
@@ -45,6 +48,7 @@ class BackendSpec:
     numa_node: int | None = None
     shm_name: str | None = None
     pin: bool = True
+    world_size: int = 1
 
     @property
     def slot_bytes(self) -> int:
@@ -55,7 +59,9 @@ class StorageBackend(ABC):
     """A medium of ``num_slots`` slots of ``spec.slot_bytes`` bytes each.
 
     Subclasses implement :meth:`num_slots` and :meth:`open`; the other hooks have working
-    defaults. Constructors must not allocate (the scheduler builds one only to size the pool).
+    defaults. Constructors must not allocate (the scheduler builds one only to size the pool)
+    and reject a bad spec with :class:`~kv_offload.config.ConfigError` naming the config key
+    (``"backend_options"``, ``"cpu_bytes"``); any other error is reported against ``backend``.
     """
 
     #: option names this backend accepts in ``spec.options`` (unknown ones are rejected)
@@ -64,9 +70,9 @@ class StorageBackend(ABC):
     def __init__(self, spec: BackendSpec) -> None:
         unknown = sorted(set(spec.options) - set(self.OPTIONS))
         if unknown:
-            raise ValueError(
-                f"backend_options: unknown key(s) {unknown} for {type(self).__name__};"
-                f" accepted: {sorted(self.OPTIONS)}"
+            raise ConfigError(
+                "backend_options",
+                f"unknown key(s) {unknown} for {type(self).__name__}; accepted: {sorted(self.OPTIONS)}",
             )
         self.spec = spec
 

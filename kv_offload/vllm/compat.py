@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - older vLLM
 __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "SupportsHMA", "KVConnectorPromMetrics", "KVConnectorStats", "HOST_HIT_SOURCE",
-    "vllm_version", "page_format", "kv_geometry", "hash_block_size", "world_size", "worker_rank",
+    "vllm_version", "page_format", "kv_geometry", "hash_block_size", "world_size", "worker_rank", "max_model_len",
     "scheduled_requests", "zeroed_blocks", "use_recompute_policy", "ordered_layers",
     "scheduler_connector", "engine_core", "drain", "count_preemptions",
 ]  # fmt: skip
@@ -101,6 +101,11 @@ def hash_block_size(kv_cache_config: Any, block_size: int) -> int:
 
 def world_size(vllm_config: Any) -> int:
     return int(vllm_config.parallel_config.world_size)
+
+
+def max_model_len(vllm_config: Any) -> int | None:
+    value = getattr(getattr(vllm_config, "model_config", None), "max_model_len", None)
+    return int(value) if value else None
 
 
 def worker_rank() -> int:

@@ -40,7 +40,10 @@ from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
 from kv_offload.vllm.worker import WorkerHalf, backend_spec
 
-__all__ = ["KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components"]
+__all__ = [
+    "KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components",
+    "warn_if_pool_below_one_prompt",
+]  # fmt: skip
 
 # A child of vLLM's logger, so messages show in vLLM's log with its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -73,9 +76,10 @@ def check_components(config: OffloadConfig, geometry: KVGeometry, world_size: in
     try:
         backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, 0))
         num_slots = backend.num_slots()
-    except ValueError as exc:
-        key = "backend_options" if "backend_options" in str(exc) else "cpu_bytes"
-        raise ConfigError(key, str(exc)) from None
+    except ConfigError:
+        raise  # the backend named the key
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("backend", f"{backend_cls.__name__} rejected its spec: {exc}") from None
     if num_slots <= 0:
         raise ConfigError("cpu_bytes", f"{config.cpu_bytes} bytes hold no KV block of {geometry.slot_bytes} bytes")
     try:
@@ -96,6 +100,24 @@ def build_manager(config: OffloadConfig, geometry: KVGeometry, world_size: int) 
         store_threshold=config.store_threshold,
         max_tracker_size=config.max_tracker_size,
     )
+
+
+def warn_if_pool_below_one_prompt(num_slots: int, block_size: int, max_model_len: int | None) -> bool:
+    """Warn (once, at start-up) when the pool cannot hold the blocks of one longest prompt.
+
+    Such a pool still works: a prompt keeps its leading blocks that fit. Returns whether it warned.
+    """
+    if max_model_len is None:
+        return False
+    needed = -(-max_model_len // block_size)
+    if num_slots >= needed:
+        return False
+    logger.warning(
+        "kv_offload: the pool holds %d blocks but one prompt of max_model_len=%d tokens fills %d;"
+        " only the leading %d blocks of such a prompt can be offloaded (raise cpu_bytes to keep it all)",
+        num_slots, max_model_len, needed, num_slots,
+    )  # fmt: skip
+    return True
 
 
 class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
@@ -127,6 +149,7 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 "kv_offload: scheduler side ready: %d pool blocks of %d tokens (%d bytes per worker), vLLM %s",
                 manager.num_slots, block_size, self.geometry.block_bytes, compat.vllm_version(),
             )  # fmt: skip
+            warn_if_pool_below_one_prompt(manager.num_slots, block_size, compat.max_model_len(vllm_config))
         else:
             check_components(self.config, self.geometry, self.world_size)
             self.worker_half = WorkerHalf(

@@ -250,10 +250,14 @@ class SchedulerHalf:
             return None
         begin, state.offered = state.offered, full
         offer = keys[begin:full]
-        plan = self.manager.prepare_store(offer)
+        # The prompt's earlier blocks are kept: evicting them for its later blocks would
+        # leave a tail no prefix lookup can reach. A pool smaller than the prompt keeps
+        # the leading blocks that fit.
+        plan = self.manager.prepare_store(offer, keep=keys[:begin])
         if plan is None:
             self._counters.stores_skipped += len(offer)
             return None
+        self._counters.stores_skipped += len(plan.skipped)
         if not plan.keys:
             return None
         where = {key: int(s.block_ids[begin + i]) for i, key in enumerate(offer)}

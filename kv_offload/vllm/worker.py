@@ -48,6 +48,7 @@ def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, r
         numa_node=config.numa_node,
         shm_name=shm_name,
         pin=config.pin_memory,
+        world_size=world_size,
     )
 
 
@@ -81,6 +82,7 @@ class WorkerHalf:
         backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
         self.backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, rank))
         self.engine: TransferEngine | None = None
+        self._layers: list[torch.Tensor] = []
         self._loads: dict[int, JobSpec] = {}
         self._stores: dict[int, JobSpec] = {}
         self._outcomes: list[JobOutcome] = []
@@ -93,6 +95,7 @@ class WorkerHalf:
         if not layers:
             raise ValueError("kv_offload: no KV cache tensors to register")
         pool = self.backend.open()
+        self._layers = list(layers)
         regions = regions_from_layers(layers, self.geometry)
         engine = make_engine(regions, pool, layers[0].device, self.config.transfer_threads)
         if self.config.fail_load_every or self.config.fail_store_every:
@@ -149,12 +152,29 @@ class WorkerHalf:
             assert job.req_id is not None
             self._finished_recving.add(job.req_id)
             if not success:
+                self._clear_blocks(job.device_blocks)
                 self._invalid_blocks.update(job.device_blocks)
         else:
             job = self._stores.pop(job_id)
             if success:
                 self.backend.on_stored(job.slots)
         self._outcomes.append(JobOutcome(job_id, success, nbytes, seconds, is_load))
+
+    def _clear_blocks(self, device_blocks: Sequence[int]) -> None:
+        """Zero the destination blocks of a failed load before vLLM gets them back.
+
+        A failed copy can leave anything there (NaN bit patterns included). vLLM recomputes
+        the tokens, but it zeroes reused blocks only for Mamba or mixed-precision caches, and
+        its attention reads whole blocks and masks the positions past the context: a masked
+        NaN still poisons the output (0 * NaN is NaN). Zeros are safe under the mask.
+        Ordering: the engine reported the job finished, so no copy into these blocks is in
+        flight; on CUDA the fill runs on the current stream, before the next forward pass.
+        """
+        if not device_blocks or not self._layers:
+            return
+        index = torch.as_tensor(list(device_blocks), dtype=torch.long)
+        for layer in self._layers:
+            layer.index_fill_(0, index.to(layer.device), 0)
 
     def take_finished_recving(self) -> set[str]:
         done, self._finished_recving = self._finished_recving, set()

@@ -208,12 +208,43 @@ def test_worker_failed_load_reports_request_and_blocks(bad: str) -> None:
     worker = WorkerHalf(OffloadConfig.from_dict(cfg), GEOM)
     layers = _layers()
     worker.register(layers)
+    before = [t.clone() for t in layers]
     slot = 10_000 if bad == "out_of_range" else 0
     worker.start_loads(StepPlan(loads=(JobSpec(1, (3, 4), (slot, 1), req_id="r"),)))
     report = _settle(worker, 1)
     assert not report.outcomes[0].success
     assert worker.take_finished_recving() == {"r"}
     assert worker.take_invalid_blocks() == {3, 4}
-    if bad == "injected":
-        assert torch.isnan(layers[0][3]).all()
+    # The injected fault left NaN there, as a broken copy could: the worker zeroes a failed
+    # load's blocks, since vLLM reads whole blocks (masked) and 0 * NaN would poison outputs.
+    for t, b in zip(layers, before):
+        assert torch.equal(t[[3, 4]], torch.zeros_like(t[[3, 4]]))
+        others = [i for i in range(t.shape[0]) if i not in (3, 4)]
+        assert torch.equal(t[others], b[others])
     worker.shutdown()
+
+
+def test_failed_load_is_not_offered_again() -> None:
+    half = _half()
+    half.on_report(_ok(_prefill(half, FakeRequest("a", list(range(384))), [1, 2, 3])))
+    b = FakeRequest("b", list(range(384)) + [7])
+    assert half.match(b, 0) == (384, True)
+    half.on_alloc(b, [4, 5, 6, 7], 384)
+    half.on_report(_ok(half.build_plan([]), success=False))
+    half.check_settled()
+    # vLLM recomputes b; asked again (or for another request) the pool must not offer the
+    # same failing load: before, a request retried it forever with every load failing.
+    assert half.match(b, 0) == (0, False)
+    assert half.match(FakeRequest("c", list(range(384)) + [9]), 0) == (0, False)
+    assert half.manager.stats.invalidated == 3
+
+
+def test_pool_smaller_than_a_prompt_keeps_its_leading_blocks() -> None:
+    half = _half(slots=2)
+    a = FakeRequest("a", list(range(5 * BS)))
+    plan = _prefill(half, a, [1, 2, 3, 4, 5])
+    assert plan.stores and plan.stores[0].device_blocks == (1, 2)
+    assert half.take_counters().stores_skipped == 3
+    half.on_report(_ok(plan))
+    half.check_settled()
+    assert half.match(FakeRequest("b", list(range(5 * BS)) + [1]), 0) == (2 * BS, True)

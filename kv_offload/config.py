@@ -36,7 +36,8 @@ class ConfigError(ValueError):
     """A bad configuration value; the message starts with the key."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"kv_offload config key {key!r}: {message}")
+        shown = key if len(key) <= 60 else key[:57] + "..."
+        super().__init__(f"kv_offload config key {shown!r}: {message}")
         self.key = key
 
 
@@ -148,9 +149,11 @@ class OffloadConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError("kv_connector_extra_config", f"expected a JSON object, got {raw!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted((k for k in raw if k not in names), key=repr)
+        unknown = [k for k in raw if k not in names]
         if unknown:
-            raise ConfigError(str(unknown[0])[:60], f"unknown key; accepted keys: {sorted(names)}")
+            first = min(unknown, key=lambda k: (not isinstance(k, str), k if isinstance(k, str) else ""))
+            name = first if isinstance(first, str) else _show(first)
+            raise ConfigError(name, f"unknown key; accepted keys: {sorted(names)}")
         if "cpu_bytes" not in raw:
             raise ConfigError("cpu_bytes", "is required (pool capacity, e.g. 4294967296 or '4GiB')")
         values: dict[str, Any] = dict(raw)
@@ -179,5 +182,8 @@ class OffloadConfig:
                 _check_type(key, raw[key], (bool,), "true or false")
         if "backend_options" in raw:
             _check_type("backend_options", raw["backend_options"], (Mapping,), "a JSON object")
+            bad = [k for k in raw["backend_options"] if not isinstance(k, str)]
+            if bad:
+                raise ConfigError("backend_options", f"option names must be strings, got {_show(bad[0])}")
             values["backend_options"] = dict(raw["backend_options"])
         return cls(**values)

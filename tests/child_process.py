@@ -3,7 +3,8 @@
 
 ``run_child(body)`` runs ``body`` in a fresh ``python -c`` with tests/ importable and
 ``report(fn)`` defined (one line saying how ``fn()`` ended); ``child_reports(proc)`` asserts the
-child exited cleanly, never by a signal, and returns those lines.
+child exited cleanly, never by a signal, and returns those lines; ``assert_clean(proc, text)``
+asserts the same and that the child printed ``text``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 
-__all__ = ["TESTS", "run_child", "child_reports"]
+__all__ = ["TESTS", "run_child", "child_reports", "assert_clean"]
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,3 +44,10 @@ def child_reports(proc: subprocess.CompletedProcess[str]) -> list[str]:
     tail = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"child ended with {how}\n{tail}"
     return [ln for ln in proc.stdout.splitlines() if ln.startswith(("RAISED", "RETURNED"))]
+
+
+def assert_clean(proc: subprocess.CompletedProcess[str], expect: str) -> None:
+    """The child exited with status 0 (not by a signal) and printed ``expect``."""
+    assert proc.returncode >= 0, f"child killed by signal {-proc.returncode}\n{proc.stderr}"
+    assert proc.returncode == 0, proc.stderr
+    assert expect in proc.stdout, proc.stdout + proc.stderr

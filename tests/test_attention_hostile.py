@@ -9,51 +9,18 @@ regression fails one test instead of killing pytest.
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from child_process import child_reports, run_child
 from attention_cases import make_geometry, make_paged
 from kv_offload.attention import PoolAttention, paged_decode_attention, paged_prefill_attention
 from kv_offload.attention._ops import layout_list, ops
 from kv_offload.attention.reference import decode_attention_ref, prefill_attention_ref
 from kv_offload.geometry import PageFormat
 from kv_offload.pool import HostPool, PoolSpec
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-# Prepended to every child's code: `report(fn)` prints one line saying how fn() ended.
-_CHILD_PRELUDE = """
-import sys
-sys.path.insert(0, {tests!r})
-def report(fn):
-    try:
-        fn()
-    except Exception as e:
-        print("RAISED", type(e).__name__, str(e).replace("\\n", " "), flush=True)
-    else:
-        print("RETURNED", flush=True)
-"""
-
-
-def run_child(body: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``body`` in a fresh interpreter with tests/ importable and ``report`` defined."""
-    code = _CHILD_PRELUDE.format(tests=TESTS) + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-
-
-def child_reports(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    """The child's ``report`` lines, after asserting it exited cleanly (not by a signal)."""
-    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-    tail = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, f"child ended with {how}\n{tail}"
-    return [ln for ln in proc.stdout.splitlines() if ln.startswith(("RAISED", "RETURNED"))]
-
 
 def assert_raised(line: str, exc: str, pattern: str) -> None:
     assert line.startswith(f"RAISED {exc} "), line

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from attention_cases import make_geometry, make_paged
-from test_attention_hostile import child_reports, run_child
+from child_process import child_reports, run_child
 
 CLEAN_ERRORS = (TypeError, ValueError, IndexError, RuntimeError)
 HUGE_INTS = [2**31, 2**32 + 3, 2**62, -1, -(2**31), -(2**31) - 1]

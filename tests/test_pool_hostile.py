@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from child_process import assert_clean, run_child
 from kv_offload.pool import HostPool, PoolError, PoolSpec
 
 SLOT = 8192
@@ -40,17 +41,6 @@ def name() -> Iterator[str]:
 
 def path_of(name: str) -> str:
     return f"/dev/shm/kv_offload.{name}"
-
-
-def run_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", textwrap.dedent(code)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_clean(proc: subprocess.CompletedProcess[str], expect: str) -> None:
-    assert proc.returncode >= 0, f"child killed by signal {-proc.returncode}\n{proc.stderr}"
-    assert proc.returncode == 0, proc.stderr
-    assert expect in proc.stdout, proc.stdout + proc.stderr
 
 
 # -- item 4: a read-only attach cannot crash or change the owner ----------------------------

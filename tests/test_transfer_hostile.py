@@ -8,35 +8,19 @@ expected error (a signal shows as a negative return code).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import uuid
 
 import numpy as np
 import pytest
 import torch
 
+from child_process import assert_clean, run_child
 from kv_layouts import make_kv_cache
 from kv_offload.geometry import KVGeometry, PageFormat
 from kv_offload.transfer import Direction, TransferError, TransferJob, regions_from_layers
 from kv_offload.transfer.cpu_engine import CpuTransferEngine
 from kv_offload.transfer.cuda_engine import CudaTransferEngine
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
-def assert_clean(proc: subprocess.CompletedProcess[str], expect: str) -> None:
-    assert proc.returncode >= 0, f"child killed by signal {-proc.returncode}\n{proc.stderr}"
-    assert proc.returncode == 0, proc.stderr
-    assert expect in proc.stdout, proc.stdout + proc.stderr
 
 
 def geometry(num_layers: int) -> KVGeometry:

@@ -55,7 +55,8 @@ __all__ = ["PinMode", "PoolSpec", "HostPool", "PoolError", "shm_path", "is_read_
 logger = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# fullmatch: "$" alone would also accept a trailing newline ("x\n").
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 # Address ranges of live read-only attaches; an entry goes when its mapping is freed.
 _read_only_lock = threading.Lock()
@@ -82,8 +83,9 @@ class PinMode(str, enum.Enum):
 
 
 def shm_path(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"shm_name {name!r} must be 1-128 letters, digits, '_', '.' or '-'")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ValueError(f"shm_name {shown} must be 1-128 letters, digits, '_', '.' or '-'")
     return os.path.join(_SHM_DIR, f"kv_offload.{name}")
 
 

@@ -104,3 +104,25 @@ def test_byte_counts_parse_exactly() -> None:
     assert parse_bytes(2**60) == 2**60
     with pytest.raises(ConfigError, match="largest supported size"):
         parse_bytes(2**60 + 1)
+
+
+def test_pool_larger_than_physical_memory_is_refused_at_start_up() -> None:
+    # Before, the scheduler accepted it and the worker died later with ENOMEM.
+    import torch
+
+    from kv_offload.backends import BackendSpec
+    from kv_offload.backends.host import HostBackend, physical_memory_bytes
+    from kv_offload.geometry import KVGeometry
+
+    memory = physical_memory_bytes()
+    assert memory is not None and memory > 0
+    geometry = KVGeometry(num_layers=2, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16)
+    fits = HostBackend(BackendSpec(capacity_bytes=memory // 4, geometry=geometry, world_size=2))
+    assert fits.num_slots() == (memory // 4) // geometry.slot_bytes  # sized, nothing allocated
+    for per_worker, workers in ((memory + 4096, 1), (memory // 2 + 4096, 2)):
+        with pytest.raises(ConfigError, match="physical memory") as info:
+            HostBackend(BackendSpec(capacity_bytes=per_worker, geometry=geometry, world_size=workers))
+        assert info.value.key == "cpu_bytes"
+    with pytest.raises(ConfigError, match="cannot hold one KV block") as info:
+        HostBackend(BackendSpec(capacity_bytes=100, geometry=geometry))
+    assert info.value.key == "cpu_bytes"

@@ -101,6 +101,8 @@ class OffloadCounters:
     failed_stores: int = 0
     stores_skipped: int = 0
     evicted_blocks: int = 0
+    #: blocks dropped from the pool because a load of them failed
+    invalidated_blocks: int = 0
     flushes: int = 0
     #: per finished job: (direction, bytes, seconds), for throughput histograms
     transfers: list[tuple[str, int, float]] = field(default_factory=list)
@@ -149,6 +151,7 @@ class SchedulerHalf:
         self._step_loads: list[JobSpec] = []
         self._counters = OffloadCounters()
         self._evictions_seen = manager.stats.evictions
+        self._invalidated_seen = manager.stats.invalidated
 
     # -- keys ----------------------------------------------------------------------------
     def block_keys(self, request: RequestView) -> list[bytes]:
@@ -318,9 +321,10 @@ class SchedulerHalf:
         return dropped
 
     def _note_evictions(self) -> None:
-        now = self.manager.stats.evictions
-        self._counters.evicted_blocks += now - self._evictions_seen
-        self._evictions_seen = now
+        stats = self.manager.stats
+        self._counters.evicted_blocks += stats.evictions - self._evictions_seen
+        self._counters.invalidated_blocks += stats.invalidated - self._invalidated_seen
+        self._evictions_seen, self._invalidated_seen = stats.evictions, stats.invalidated
 
     def take_counters(self) -> OffloadCounters:
         self._note_evictions()

@@ -16,6 +16,7 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:failed_transfers_total``       failed jobs, label ``direction``
 ``kv_offload:evicted_blocks_total``         blocks evicted from the pool
 ``kv_offload:stores_skipped_total``         blocks not stored: no room (everything in use)
+``kv_offload:invalidated_blocks_total``     blocks dropped from the pool after a failed load
 ``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``
 ``kv_offload:pool_used_blocks``             gauge: blocks held
 ``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
@@ -41,6 +42,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "stored_blocks": ("kv_offload:stored_blocks", "KV blocks stored into the pool."),
     "evicted_blocks": ("kv_offload:evicted_blocks", "KV blocks evicted from the pool."),
     "stores_skipped": ("kv_offload:stores_skipped", "KV blocks not stored because the pool had no free room."),
+    "invalidated_blocks": ("kv_offload:invalidated_blocks", "KV blocks dropped from the pool after a failed load."),
 }
 #: data key -> (metric name, help text); the latest value wins
 GAUGES: dict[str, tuple[str, str]] = {

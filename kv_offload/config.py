@@ -22,7 +22,7 @@ _UNITS = {
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
-_BYTES_RE = re.compile(r"\s*(\d{1,24}(?:\.\d{1,24})?)\s*([a-zA-Z]{0,3})\s*")
+_BYTES_RE = re.compile(r"\s*([0-9]{1,24}(?:\.[0-9]{1,24})?)\s*([a-zA-Z]{0,3})\s*")  # ASCII digits only
 #: The largest byte count accepted anywhere (1 EiB): past it a value is a typo, not a size.
 MAX_BYTES = 2**60
 #: Upper bounds of the integer keys (a value past them is a mistake, never a setting).
@@ -65,7 +65,10 @@ def parse_bytes(value: object, key: str = "cpu_bytes") -> int:
         unit = m.group(2).lower() if m else ""
         if m is None or unit not in _UNITS:
             raise ConfigError(key, f"cannot parse {_show(value)} as a byte count (e.g. 4294967296, '4GiB', '512MB')")
-        result = int(Fraction(m.group(1)) * _UNITS[unit])  # exact: no float rounding or overflow
+        exact = Fraction(m.group(1)) * _UNITS[unit]  # exact: no float rounding or overflow
+        if 0 < exact < 1:
+            raise ConfigError(key, f"{_show(value)} is less than one byte")
+        result = int(exact)
     else:
         raise ConfigError(key, f"expected a byte count (int or string such as '4GiB'), got {type(value).__name__}")
     if result <= 0:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -98,10 +98,8 @@ class _Entry:
     writing: bool = True
     #: a load of this block failed: hidden from lookups, dropped when its last reader ends
     doomed: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return not (self.writing or self.doomed)
+    #: stored and not doomed: ``not (writing or doomed)``, kept as a field for the lookup loop
+    ready: bool = False
 
 
 @dataclass
@@ -250,7 +248,7 @@ class OffloadManager:
         for key, entry, times in entries:
             entry.readers -= times
             if not success and not entry.doomed:
-                entry.doomed = True
+                entry.doomed, entry.ready = True, False
                 self.stats.invalidated += 1
             if entry.doomed and entry.readers == 0:
                 self._release(key)
@@ -270,7 +268,7 @@ class OffloadManager:
                 self.policy.touch(key)
 
     # -- stores --------------------------------------------------------------------------
-    def prepare_store(self, keys: Sequence[OffloadKey], keep: Iterable[OffloadKey] = ()) -> StorePlan | None:
+    def prepare_store(self, keys: Sequence[OffloadKey], keep: Container[OffloadKey] = ()) -> StorePlan | None:
         """Reserve slots for the ``keys`` not stored yet, evicting if needed.
 
         Keys already stored (or being stored) are touched and skipped; with an admission
@@ -296,8 +294,7 @@ class OffloadManager:
         skipped: list[OffloadKey] = []
         shortfall = len(new) - self.num_free
         if shortfall > 0:
-            keep_set = seen.union(keep)
-            victims, room = self._evict(shortfall, keep_set)
+            victims, room = self._evict(shortfall, seen, keep)
             if room < shortfall:
                 fit = len(new) - (shortfall - room)
                 new, skipped = new[:fit], new[fit:]
@@ -319,16 +316,21 @@ class OffloadManager:
             slots.append(slot)
         return StorePlan(tuple(new), tuple(slots), tuple(victims), tuple(skipped))
 
-    def _evict(self, n: int, keep: set[OffloadKey]) -> tuple[list[OffloadKey], int]:
+    def _evict(
+        self, n: int, store: Container[OffloadKey], keep: Container[OffloadKey]
+    ) -> tuple[list[OffloadKey], int]:
         """Ask the policy for ``n`` victims (or as many as can go); nothing is freed yet.
 
-        Returns the checked victims and how many they are.
+        Blocks in ``store`` or ``keep`` are not evictable. Returns the checked victims and
+        how many they are.
         """
         entries = self._entries
 
         def evictable(key: OffloadKey) -> bool:
             entry = entries.get(key)
-            return entry is not None and entry.readers == 0 and entry.ready and key not in keep
+            return (
+                entry is not None and entry.readers == 0 and entry.ready and key not in store and key not in keep
+            )
 
         victims = self.policy.evict(n, evictable)
         if victims is None:
@@ -336,23 +338,40 @@ class OffloadManager:
             n = sum(1 for key in entries if evictable(key))
             victims = self.policy.evict(n, evictable) if n else []
             if victims is None:
-                self._policy_error(f"returned None for {n} victims while {n} blocks are evictable")
-        self._check_victims(victims, n, evictable)
+                self._policy_error(f"returned None for {n} victims while {n} blocks are evictable", ())
+        problem = self._check_victims(victims, n, evictable)
+        if problem:
+            self._policy_error(problem, victims if isinstance(victims, (list, tuple)) else ())
         return list(victims), len(victims)
 
-    def _check_victims(self, victims: object, n: int, evictable: Callable[[OffloadKey], bool]) -> None:
+    def _check_victims(self, victims: object, n: int, evictable: Callable[[OffloadKey], bool]) -> str | None:
+        """What is wrong with a policy's answer (None: nothing)."""
         if not isinstance(victims, (list, tuple)):
-            self._policy_error(f"evict() returned {type(victims).__name__}, expected a list of keys or None")
+            return f"evict() returned {type(victims).__name__}, expected a list of keys or None"
         if len(victims) != n:
-            self._policy_error(f"evict({n}) returned {len(victims)} victims")
-        if len(set(victims)) != len(victims):
-            self._policy_error("evict() returned the same key twice")
+            return f"evict({n}) returned {len(victims)} victims"
+        try:
+            if len(set(victims)) != len(victims):
+                return "evict() returned the same key twice"
+        except TypeError:
+            return "evict() returned something that is not a key"
         for key in victims:
             if not evictable(key):
                 what = "unknown" if key not in self._entries else "in use or protected"
-                self._policy_error(f"evict() returned block {key!r}, which is {what}")
+                return f"evict() returned block {key!r}, which is {what}"
+        return None
 
-    def _policy_error(self, what: str) -> NoReturn:
+    def _policy_error(self, what: str, returned: Sequence[object]) -> NoReturn:
+        # The policy already forgot the keys it picked. Give back the blocks the manager still
+        # holds, so none becomes impossible to evict: every one the policy no longer lists
+        # when it lists its keys (``keys()``), else those it returned.
+        if type(self.policy).keys is not EvictionPolicy.keys:
+            known = set(self.policy.keys())
+            lost = [key for key in self._entries if key not in known]
+        else:
+            lost = [k for k in dict.fromkeys(k for k in returned if isinstance(k, bytes)) if k in self._entries]
+        for key in lost:
+            self.policy.insert(key)
         raise PolicyError(f"kv_offload: eviction policy {type(self.policy).__name__} {what}; nothing was evicted")
 
     def complete_store(self, keys: Sequence[OffloadKey], success: bool = True) -> None:
@@ -369,7 +388,7 @@ class OffloadManager:
         for key in keys:
             entry = self._entries[key]
             if success:
-                entry.writing = False
+                entry.writing, entry.ready = False, True
                 done.append(key)
             else:
                 self._release(key)
@@ -428,4 +447,5 @@ class OffloadManager:
         for key, entry in self._entries.items():
             assert entry.readers >= 0, f"negative readers on {key.hex()}"
             assert not (entry.writing and entry.readers), f"{key.hex()} read while written"
+            assert entry.ready == (not entry.writing and not entry.doomed), f"{key.hex()}: stale ready flag"
             assert not entry.doomed or entry.readers > 0, f"{key.hex()} invalidated but kept with no reader"

@@ -82,6 +82,8 @@ HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"cpu_bytes": 1, "store_threshold": 10**5000}, "store_threshold"),
     ({"cpu_bytes": 1, "max_tracker_size": 2**64}, "max_tracker_size"),
     ({"cpu_bytes": 1, "fail_load_every": [10**5000]}, "fail_load_every"),
+    ({"cpu_bytes": "0.5"}, "cpu_bytes"),  # less than one byte
+    ({"cpu_bytes": "\u0661\u0662GiB"}, "cpu_bytes"),  # non-ASCII digits
     ({"cpu_bytes": 1, "shm_name": "x\n"}, "shm_name"),  # "$" matched before the newline
     ({"cpu_bytes": 1, "shm_name": "a" * 129}, "shm_name"),
     ({"cpu_bytes": 1, 7: 1}, "7"),  # a non-string key next to string keys

@@ -149,6 +149,33 @@ def test_bad_policy_answers_raise_and_change_nothing(answer: object, new: int, m
     m.check_invariants()
 
 
+class _DropsOne(LRUPolicy):
+    """A real LRU that, once, forgets to return the last victim it removed (a plug-in bug)."""
+
+    broken = True
+
+    def evict(self, n: int, evictable: Callable[[OffloadKey], bool]) -> list[OffloadKey] | None:
+        victims = super().evict(n, evictable)
+        if victims and self.broken:
+            self.broken = False
+            return victims[:-1]
+        return victims
+
+
+def test_policy_error_leaves_no_block_the_policy_forgot() -> None:
+    m = OffloadManager(3, _DropsOne(3))
+    store(m, 1, 2, 3)
+    with pytest.raises(PolicyError, match=r"evict\(2\) returned 1 victims"):
+        m.prepare_store([k(4), k(5)])
+    assert m.index().keys() == {k(1), k(2), k(3)}
+    # Every block the manager holds is still known to the policy: a full turnover evicts
+    # them all (before the fix, the two the policy had dropped stayed forever).
+    for i in range(10, 20):
+        store(m, i)
+    assert m.num_used == 3 and not ({k(1), k(2), k(3)} & m.index().keys())
+    m.check_invariants()
+
+
 @pytest.mark.parametrize("policy", [LRUPolicy, ARCPolicy])
 def test_builtin_policies_pass_the_checks_under_pressure(policy: type[EvictionPolicy]) -> None:
     m = OffloadManager(4, policy(4))
@@ -167,7 +194,6 @@ def test_events_are_bounded_when_nobody_takes_them() -> None:
     m = OffloadManager(4, LRUPolicy(4), max_events=100)
     for i in range(10_000):
         store(m, i)
-    assert len(m._events) == 100
     assert m.stats.events_dropped == 10_000 + 9_996 - 100  # stored and evicted events, less those kept
     events = m.take_events()
     assert len(events) == 100 and events[-1].kind is EventKind.STORED and events[-1].keys == (k(9999),)
@@ -178,4 +204,4 @@ def test_default_event_bound_holds_over_a_long_run() -> None:
     m = OffloadManager(8, LRUPolicy(8))
     for i in range(20_000):
         store(m, i)
-    assert len(m._events) <= 4096
+    assert len(m.take_events()) == 4096 and m.stats.events_dropped == 20_000 + 19_992 - 4096

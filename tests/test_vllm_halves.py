@@ -239,6 +239,30 @@ def test_failed_load_is_not_offered_again() -> None:
     assert half.manager.stats.invalidated == 3
 
 
+def test_no_block_is_stored_past_a_gap_and_the_gap_is_retried() -> None:
+    half = _half(slots=4)
+    other = FakeRequest("o", [9] * 2 * BS)
+    half.on_report(_ok(_prefill(half, other, [20, 21])))
+    assert half.match(FakeRequest("o2", [9] * 2 * BS + [1]), 0)[0] == 2 * BS
+    half.on_alloc(FakeRequest("o2", [9] * 2 * BS + [1]), [22, 23, 24], 2 * BS)  # o's blocks are read
+    loads = half.build_plan([])
+    a = FakeRequest("a", list(range(6 * BS)))
+    half.on_alloc(a, [1, 2, 3, 4, 5, 6], 0)
+    s1 = ScheduledRequest(a, 0, 4 * BS, [1, 2, 3, 4, 5, 6])  # chunked prefill: 4 blocks, then 2
+    plan = half.build_plan([s1])
+    assert plan.stores[0].device_blocks == (1, 2)  # blocks 3, 4: no room while o's load runs
+    half.on_report(_ok(plan))
+    half.on_report(_ok(loads))  # o's load ends: its blocks may go now
+    s2 = ScheduledRequest(a, 4 * BS, 2 * BS, [1, 2, 3, 4, 5, 6])
+    plan = half.build_plan([s2])
+    # The gap (blocks 3, 4) is offered again, first; nothing past it was stored before it.
+    assert plan.stores[0].device_blocks == (3, 4)
+    assert half.take_counters().stores_skipped == 2 + 2  # 3, 4 once; then 5, 6 behind the still-full gap
+    half.on_report(_ok(plan))
+    half.check_settled()
+    assert half.match(FakeRequest("b", list(range(6 * BS)) + [1]), 0) == (4 * BS, True)
+
+
 def test_pool_smaller_than_a_prompt_keeps_its_leading_blocks() -> None:
     half = _half(slots=2)
     a = FakeRequest("a", list(range(5 * BS)))

@@ -258,10 +258,13 @@ def _reclaim_stale(path: str, name: str) -> None:
             raise PoolError(f"{exists}; another process owns it (pid {owner.pid}, which cannot be checked from here)")
         if not gone:
             raise PoolError(f"{exists}; another process owns it (pid {owner.pid}, running)")
-        now = os.stat(path, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            return  # replaced since it was opened: look again
-        os.unlink(path)
+        try:
+            now = os.stat(path, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return  # replaced since it was opened: look again
+            os.unlink(path)
+        except FileNotFoundError:
+            return  # another process reclaimed it first (and may be creating its own): look again
         logger.warning(
             "kv_offload: reclaimed shared pool %r (%s) left behind by pid %d, which is gone", name, path, owner.pid
         )

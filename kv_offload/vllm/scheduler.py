@@ -80,8 +80,17 @@ class _Job:
 @dataclass
 class _ReqState:
     request: RequestView
-    #: leading blocks already offered to the pool (stored, skipped or in flight)
+    #: leading blocks already offered to the pool (stored, present or in flight); a block
+    #: that found no room is offered again, and nothing after it is stored before it
     offered: int = 0
+    #: keys of those blocks: never evicted to store the same prompt's later blocks
+    kept: set[bytes] = field(default_factory=set)
+    #: blocks before this index were already counted as skipped (a retried gap counts once)
+    counted: int = 0
+
+    def rewind(self) -> None:
+        self.offered = self.counted = 0
+        self.kept.clear()
 
 
 @dataclass
@@ -190,7 +199,7 @@ class SchedulerHalf:
         if num_external_tokens <= 0:
             return
         # (Re)admission: blocks may be new (after a preemption); offer every block again.
-        state.offered = 0
+        state.rewind()
         if match is None or num_external_tokens % self.block_size:
             raise RuntimeError(
                 f"kv_offload: request {req_id} was given {num_external_tokens} external tokens"
@@ -251,17 +260,23 @@ class SchedulerHalf:
         full = min(full, len(keys), len(s.block_ids))
         if full <= state.offered:
             return None
-        begin, state.offered = state.offered, full
+        begin = state.offered
         offer = keys[begin:full]
         # The prompt's earlier blocks are kept: evicting them for its later blocks would
         # leave a tail no prefix lookup can reach. A pool smaller than the prompt keeps
-        # the leading blocks that fit.
-        plan = self.manager.prepare_store(offer, keep=keys[:begin])
-        if plan is None:
-            self._counters.stores_skipped += len(offer)
-            return None
-        self._counters.stores_skipped += len(plan.skipped)
-        if not plan.keys:
+        # the leading blocks that fit; the first block that found no room is offered
+        # again next step, and no later block is stored before it (a gap breaks the chain).
+        plan = self.manager.prepare_store(offer, keep=state.kept)
+        end = full
+        if plan is None or plan.skipped:
+            refused = set(offer if plan is None else plan.skipped)
+            at = [begin + i for i, key in enumerate(offer) if key in refused]
+            end = at[0]
+            self._counters.stores_skipped += sum(1 for i in at if i >= state.counted)
+            state.counted = max(state.counted, full)
+        state.kept.update(keys[begin:end])
+        state.offered = end
+        if plan is None or not plan.keys:
             return None
         where = {key: int(s.block_ids[begin + i]) for i, key in enumerate(offer)}
         device_blocks = tuple(where[key] for key in plan.keys)

@@ -204,5 +204,5 @@ def test_pool_smaller_than_a_prompt_offloads_its_leading_blocks(
     assert len(warnings) == 1, records  # said once, at start-up
     # Before: stores were all-or-nothing, so a prompt longer than the pool stored nothing.
     assert info["manager"]["stores"] == 2  # the leading two blocks, once
-    assert info["manager"]["stores_skipped"] == 2 * (600 // BLOCK - 2)  # the other two, each turn
+    assert info["totals"]["stores_skipped"] == 2 * (600 // BLOCK - 2)  # the other two, each turn
     assert base[1][1] == 0 and out[1][1] == 2 * BLOCK, "the two leading blocks come back from the pool"

@@ -187,6 +187,10 @@ class OffloadManager:
         entry = self._entries.get(key)
         return entry is not None and entry.ready
 
+    def holds(self, key: OffloadKey) -> bool:
+        """Whether ``key`` has a slot in any state (ready, being written, or invalidated)."""
+        return key in self._entries
+
     @property
     def num_used(self) -> int:
         return len(self._entries)

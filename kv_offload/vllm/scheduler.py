@@ -269,7 +269,8 @@ class SchedulerHalf:
         plan = self.manager.prepare_store(offer, keep=state.kept)
         end = full
         if plan is None or plan.skipped:
-            refused = set(offer if plan is None else plan.skipped)
+            # None: not even the first new block fit (blocks the pool holds were only touched).
+            refused = {k for k in offer if not self.manager.holds(k)} if plan is None else set(plan.skipped)
             at = [begin + i for i, key in enumerate(offer) if key in refused]
             end = at[0]
             self._counters.stores_skipped += sum(1 for i in at if i >= state.counted)

@@ -36,9 +36,8 @@ class FakeRequest:
         return len(self.prompt)
 
     @property
-    def block_hashes(self) -> list[bytes]:
-        tokens = self.prompt + self.output
-        return [bytes(str(tokens[: (i + 1) * BS]), "ascii")[-32:] + bytes([i]) for i in range(len(tokens) // BS)]
+    def all_token_ids(self) -> list[int]:
+        return self.prompt + self.output
 
 
 def _half(slots: int = 16, world_size: int = 1, **cfg: object) -> SchedulerHalf:
@@ -272,3 +271,30 @@ def test_pool_smaller_than_a_prompt_keeps_its_leading_blocks() -> None:
     half.on_report(_ok(plan))
     half.check_settled()
     assert half.match(FakeRequest("b", list(range(5 * BS)) + [1]), 0) == (2 * BS, True)
+
+
+def test_keys_are_content_keys_in_the_engines_namespace() -> None:
+    from kv_offload.keys import KeyChain
+
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    manager = OffloadManager(16, LRUPolicy(16))
+    ours = SchedulerHalf(config, manager, block_size=BS, namespace=b"a" * 16)
+    a = FakeRequest("a", list(range(3 * BS)))
+    assert ours.block_keys(a) == KeyChain(b"a" * 16, BS).keys(a.all_token_ids, 3)
+    ours.on_report(_ok(_prefill(ours, a, [1, 2, 3])))
+    # A restarted scheduler in the same namespace finds the blocks; another namespace does not.
+    again = SchedulerHalf(config, manager, block_size=BS, namespace=b"a" * 16)
+    assert again.match(FakeRequest("b", list(range(3 * BS)) + [5]), 0) == (3 * BS, True)
+    other = SchedulerHalf(config, manager, block_size=BS, namespace=b"b" * 16)
+    assert other.match(FakeRequest("c", list(range(3 * BS)) + [5]), 0) == (0, False)
+
+
+def test_blocks_that_cannot_be_keyed_are_skipped_and_counted() -> None:
+    def float_from_block_1(request: object) -> object:
+        return lambda start, end, state: ((("weight", 0.5),) if start >= BS else None, state)
+
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    half = SchedulerHalf(config, OffloadManager(16, LRUPolicy(16)), block_size=BS, extra_keys=float_from_block_1)  # type: ignore[arg-type]
+    plan = _prefill(half, FakeRequest("a", list(range(4 * BS))), [1, 2, 3, 4])
+    assert plan.stores[0].device_blocks == (1,)  # only the block before the unkeyable one
+    assert half.take_counters().stores_skipped == 3

@@ -32,6 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 from kv_offload.geometry import KVGeometry, PageFormat
+from kv_offload.keys import ExtraKeys, Namespace, model_fingerprint
 
 try:  # present in 0.32 and 0.33; older releases label external hits themselves
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -43,7 +44,7 @@ except ImportError:  # pragma: no cover - older vLLM
 __all__ = [
     "KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole", "KVConnectorWorkerMetadata",
     "SupportsHMA", "KVConnectorPromMetrics", "KVConnectorStats", "HOST_HIT_SOURCE",
-    "vllm_version", "page_format", "kv_geometry", "hash_block_size", "world_size", "worker_rank", "max_model_len",
+    "vllm_version", "page_format", "kv_geometry", "namespace", "block_extra_keys", "world_size", "worker_rank", "max_model_len",
     "scheduled_requests", "zeroed_blocks", "use_recompute_policy", "ordered_layers",
     "scheduler_connector", "engine_core", "drain", "count_preemptions",
 ]  # fmt: skip
@@ -94,9 +95,42 @@ def kv_geometry(kv_cache_config: Any, fmt: PageFormat) -> KVGeometry:
     return geometry
 
 
-def hash_block_size(kv_cache_config: Any, block_size: int) -> int:
-    value = getattr(kv_cache_config, "hash_block_size", None)
-    return int(value) if value else block_size
+def namespace(vllm_config: Any, geometry: KVGeometry) -> Namespace:
+    """The key namespace of this engine's blocks (see :mod:`kv_offload.keys`)."""
+    model_config = vllm_config.model_config
+    model = str(model_config.model)
+    revision = getattr(model_config, "revision", None)
+    parallel = vllm_config.parallel_config
+    return Namespace(
+        model=model,
+        fingerprint=model_fingerprint(model, revision),
+        kv_dtype=str(geometry.dtype).replace("torch.", ""),
+        block_size=geometry.block_size,
+        page_format=geometry.page_format.value,
+        revision=None if revision is None else str(revision),
+        tp_size=int(getattr(parallel, "tensor_parallel_size", 1)),
+        pp_size=int(getattr(parallel, "pipeline_parallel_size", 1)),
+    )
+
+
+def block_extra_keys(request: Any) -> ExtraKeys | None:
+    """What vLLM folds into a block's hash besides its tokens (LoRA, multimodal inputs,
+    ``cache_salt``, prompt embeddings), as a :data:`~kv_offload.keys.ExtraKeys` function;
+    ``None`` for a plain text request, which needs none."""
+    plain = (
+        not getattr(request, "lora_request", None)
+        and not getattr(request, "mm_features", None)
+        and not getattr(request, "cache_salt", None)
+        and getattr(request, "prompt_embeds", None) is None
+    )
+    if plain:
+        return None
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+
+    def extra(start: int, end: int, mm_index: Any) -> tuple[Any, Any]:
+        return generate_block_hash_extra_keys(request, start, end, int(mm_index))  # type: ignore[no-any-return]
+
+    return extra
 
 
 def world_size(vllm_config: Any) -> int:

@@ -139,15 +139,17 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         if role == KVConnectorRole.SCHEDULER:
             manager = build_manager(self.config, self.geometry, self.world_size)
             block_size = self.geometry.block_size
+            self.namespace = compat.namespace(vllm_config, self.geometry)
             self.scheduler_half = SchedulerHalf(
                 self.config, manager, block_size=block_size, world_size=self.world_size,
-                hash_block_size=compat.hash_block_size(kv_cache_config, block_size),
+                namespace=self.namespace.digest, extra_keys=compat.block_extra_keys,
             )  # fmt: skip
             if self.config.recompute_on_load_failure and compat.use_recompute_policy(vllm_config):
                 logger.info("kv_offload: kv_load_failure_policy set to 'recompute' (a failed load recomputes)")
             logger.info(
-                "kv_offload: scheduler side ready: %d pool blocks of %d tokens (%d bytes per worker), vLLM %s",
-                manager.num_slots, block_size, self.geometry.block_bytes, compat.vllm_version(),
+                "kv_offload: scheduler side ready: %d pool blocks of %d tokens (%d bytes per worker), vLLM %s;"
+                " key namespace %s", manager.num_slots, block_size, self.geometry.block_bytes,
+                compat.vllm_version(), self.namespace.to_json(),
             )  # fmt: skip
             warn_if_pool_below_one_prompt(manager.num_slots, block_size, compat.max_model_len(vllm_config))
         else:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kv_offload.config import OffloadConfig
+from kv_offload.keys import DIGEST_BYTES, ExtraKeys, KeyChain
 from kv_offload.manager import OffloadManager
 from kv_offload.vllm.metadata import JobSpec, StepPlan, TransferReport
 
@@ -44,7 +45,7 @@ class RequestView(Protocol):
     @property
     def request_id(self) -> str: ...
     @property
-    def block_hashes(self) -> Sequence[bytes]: ...
+    def all_token_ids(self) -> Sequence[int]: ...
     @property
     def num_tokens(self) -> int: ...
     @property
@@ -80,6 +81,8 @@ class _Job:
 @dataclass
 class _ReqState:
     request: RequestView
+    #: the request's block keys, hashed once each as its tokens grow
+    chain: KeyChain
     #: leading blocks already offered to the pool (stored, present or in flight); a block
     #: that found no room is offered again, and nothing after it is stored before it
     offered: int = 0
@@ -87,6 +90,8 @@ class _ReqState:
     kept: set[bytes] = field(default_factory=set)
     #: blocks before this index were already counted as skipped (a retried gap counts once)
     counted: int = 0
+    #: the blocks past an unkeyable one were counted as skipped
+    unkeyable_counted: bool = False
 
     def rewind(self) -> None:
         self.offered = self.counted = 0
@@ -130,7 +135,10 @@ class SchedulerHalf:
         config: the validated connector configuration.
         manager: bookkeeping of the pool (``num_slots`` from the backend).
         block_size: tokens per KV block.
-        hash_block_size: tokens per entry of ``request.block_hashes`` (divides ``block_size``).
+        namespace: the 16-byte namespace digest every key starts with (see :mod:`kv_offload.keys`).
+        extra_keys: per request, what else changes its blocks' KV (LoRA, multimodal inputs,
+            ``cache_salt``, ...): a :data:`~kv_offload.keys.ExtraKeys` function, or ``None``
+            when nothing does. The facade passes vLLM's own extra keys.
         world_size: workers that each report every job (tensor/pipeline parallel ranks).
     """
 
@@ -140,16 +148,17 @@ class SchedulerHalf:
         manager: OffloadManager,
         *,
         block_size: int,
-        hash_block_size: int | None = None,
+        namespace: bytes = bytes(DIGEST_BYTES),
+        extra_keys: Callable[[RequestView], ExtraKeys | None] | None = None,
         world_size: int = 1,
     ) -> None:
-        hash_block_size = hash_block_size or block_size
-        if block_size % hash_block_size:
-            raise ValueError(f"block_size {block_size} is not a multiple of hash_block_size {hash_block_size}")
+        if len(namespace) != DIGEST_BYTES:
+            raise ValueError(f"namespace must be a {DIGEST_BYTES}-byte digest, got {len(namespace)} bytes")
         self.config = config
         self.manager = manager
         self.block_size = block_size
-        self._hash_ratio = block_size // hash_block_size
+        self.namespace = namespace
+        self._extra_keys = extra_keys
         self.world_size = world_size
         self._reqs: dict[str, _ReqState] = {}
         self._matches: dict[str, tuple[int, int]] = {}
@@ -163,13 +172,20 @@ class SchedulerHalf:
         self._invalidated_seen = manager.stats.invalidated
 
     # -- keys ----------------------------------------------------------------------------
-    def block_keys(self, request: RequestView) -> list[bytes]:
-        """Pool keys of the request's full blocks: the prefix-chain hash ending each block."""
-        hashes = request.block_hashes
-        r = self._hash_ratio
-        if r == 1:
-            return [bytes(h) for h in hashes]
-        return [bytes(hashes[i]) for i in range(r - 1, len(hashes), r)]
+    def _state(self, request: RequestView) -> _ReqState:
+        state = self._reqs.get(request.request_id)
+        if state is None:
+            extra = self._extra_keys(request) if self._extra_keys is not None else None
+            chain = KeyChain(self.namespace, self.block_size, extra)
+            state = self._reqs[request.request_id] = _ReqState(request, chain)
+        return state
+
+    def block_keys(self, request: RequestView, limit: int | None = None) -> list[bytes]:
+        """Content keys of the request's first ``limit`` full blocks (all full blocks by
+        default); each block is hashed once over the request's life. Shorter when a block
+        cannot be keyed: nothing from there on is matched or stored."""
+        n = request.num_tokens // self.block_size if limit is None else limit
+        return self._state(request).chain.keys(request.all_token_ids, n)
 
     # -- admission (vLLM: get_num_new_matched_tokens / update_state_after_alloc) -----------
     def match(self, request: RequestView, num_computed_tokens: int) -> tuple[int, bool]:
@@ -180,10 +196,10 @@ class SchedulerHalf:
         self._matches.pop(request.request_id, None)
         bs = self.block_size
         start = num_computed_tokens // bs
-        limit = min((request.num_tokens - 1) // bs, len(request.block_hashes) // self._hash_ratio)
+        limit = (request.num_tokens - 1) // bs
         if start >= limit:
             return 0, False
-        hits = self.manager.lookup(self.block_keys(request)[start:limit])
+        hits = self.manager.lookup(self.block_keys(request, limit)[start:])
         if hits == 0 or hits * bs < self.config.min_load_tokens:
             return 0, False
         self._matches[request.request_id] = (start, hits)
@@ -192,9 +208,7 @@ class SchedulerHalf:
     def on_alloc(self, request: RequestView, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """Blocks were allocated for ``request``; plan the load of its pool hit, if any."""
         req_id = request.request_id
-        state = self._reqs.get(req_id)
-        if state is None:
-            state = self._reqs[req_id] = _ReqState(request)
+        state = self._state(request)
         match = self._matches.pop(req_id, None)
         if num_external_tokens <= 0:
             return
@@ -209,7 +223,7 @@ class SchedulerHalf:
         n = num_external_tokens // self.block_size
         if n > hits:
             raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits} hit")
-        keys = tuple(self.block_keys(request)[start : start + n])
+        keys = tuple(self.block_keys(request, start + n)[start:])
         device_blocks = tuple(int(b) for b in block_ids[start : start + n])
         slots = self.manager.prepare_load(keys)
         job_id = next(self._job_ids)
@@ -248,16 +262,18 @@ class SchedulerHalf:
         return StepPlan(flush=tuple(sorted(flush)), loads=tuple(loads), stores=tuple(stores))
 
     def _plan_store(self, s: ScheduledRequest) -> JobSpec | None:
-        req_id = s.request.request_id
-        state = self._reqs.get(req_id)
-        if state is None:
-            state = self._reqs[req_id] = _ReqState(s.request)
+        state = self._state(s.request)
         bs = self.block_size
         full = (s.num_computed_tokens + s.num_new_tokens) // bs
         if self.config.offload_prompt_only:
             full = min(full, s.request.num_prompt_tokens // bs)
-        keys = self.block_keys(s.request)
-        full = min(full, len(keys), len(s.block_ids))
+        full = min(full, len(s.block_ids))
+        keys = self.block_keys(s.request, full)
+        if len(keys) < full and not state.unkeyable_counted:
+            # What kv-offload cannot key correctly it does not store (nor match).
+            state.unkeyable_counted = True
+            self._counters.stores_skipped += s.request.num_prompt_tokens // bs - len(keys)
+        full = len(keys)
         if full <= state.offered:
             return None
         begin = state.offered

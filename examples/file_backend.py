@@ -30,7 +30,8 @@ from kv_offload.config import ConfigError
 
 
 class FileBackend(StorageBackend):
-    """Blocks in ``<path>/kv_offload_blocks.bin``; option ``path`` (a directory) is required."""
+    """Blocks in ``<path>/kv_offload_blocks.bin`` (``.rank<r>.bin`` per worker with tensor
+    parallelism); option ``path`` (a directory) is required."""
 
     OPTIONS = frozenset({"path"})
 
@@ -39,7 +40,9 @@ class FileBackend(StorageBackend):
         path = spec.options.get("path")
         if not isinstance(path, str) or not path:
             raise ConfigError("backend_options", "'path' must name a directory for FileBackend")
-        self.file = os.path.join(path, "kv_offload_blocks.bin")
+        # One file per worker: with tensor parallelism each rank holds its own shard of a block.
+        name = "kv_offload_blocks.bin" if spec.world_size == 1 else f"kv_offload_blocks.rank{spec.rank}.bin"
+        self.file = os.path.join(path, name)
         self._mmap: mmap.mmap | None = None
         self._fd: int | None = None
 

@@ -298,3 +298,51 @@ def test_blocks_that_cannot_be_keyed_are_skipped_and_counted() -> None:
     plan = _prefill(half, FakeRequest("a", list(range(4 * BS))), [1, 2, 3, 4])
     assert plan.stores[0].device_blocks == (1,)  # only the block before the unkeyable one
     assert half.take_counters().stores_skipped == 3
+
+
+def test_backend_on_stored_runs_off_the_step_and_before_close() -> None:
+    from plugins import slow_flush_backend as plugin
+
+    from kv_offload.vllm.metadata import JobSpec
+
+    plugin.EVENTS.clear()
+    plugin.RELEASE.clear()
+    cfg = {"cpu_bytes": "1MiB", "backend": "SlowFlushBackend", "backend_module_path": "plugins.slow_flush_backend"}
+    worker = WorkerHalf(OffloadConfig.from_dict(cfg), GEOM)
+    worker.register(_layers())
+    worker.submit_stores(StepPlan(stores=(JobSpec(1, (1, 2), (0, 3)),)))
+    report = _settle(worker, 1)  # poll() returns although on_stored is still blocked
+    assert report.outcomes[0].success
+    deadline = time.monotonic() + 10
+    while not plugin.EVENTS and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert plugin.EVENTS == ["on_stored:False"]  # on a worker thread, not the engine step
+    plugin.RELEASE.set()
+    worker.shutdown()
+    assert plugin.EVENTS == ["on_stored:False", "flushed", "close"]  # finished before the region went
+
+
+def test_file_backend_keeps_tensor_parallel_ranks_apart(tmp_path: "os.PathLike[str]") -> None:
+    import os
+    import sys
+
+    from kv_offload.backends import BACKENDS, BackendSpec
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        cls = BACKENDS.resolve("FileBackend", module_path="file_backend")
+    finally:
+        sys.path.pop(0)
+    regions = []
+    for rank in range(2):
+        spec = BackendSpec(capacity_bytes=4 * GEOM.slot_bytes, geometry=GEOM, options={"path": str(tmp_path)},
+                           world_size=2, rank=rank)  # fmt: skip
+        backend = cls(spec)
+        region = backend.open()
+        region[1].fill_(10 + rank)  # each rank writes its own shard of block 1
+        regions.append((backend, region))
+    assert int(regions[0][1][1, 0]) == 10 and int(regions[1][1][1, 0]) == 11
+    assert sorted(os.listdir(tmp_path)) == ["kv_offload_blocks.rank0.bin", "kv_offload_blocks.rank1.bin"]
+    for backend, region in regions:
+        del region
+        backend.close()

@@ -40,6 +40,8 @@ class BackendSpec:
         pin: page-lock for CUDA DMA when a GPU is present.
         world_size: workers that each build a spec like this one (``capacity_bytes`` is
             one worker's share; a node-wide limit applies to ``capacity_bytes * world_size``).
+        rank: this worker's place among them (a backend with one file or name per worker
+            must keep ranks apart: each holds its own shard of every block).
     """
 
     capacity_bytes: int
@@ -49,6 +51,7 @@ class BackendSpec:
     shm_name: str | None = None
     pin: bool = True
     world_size: int = 1
+    rank: int = 0
 
     @property
     def slot_bytes(self) -> int:
@@ -88,7 +91,11 @@ class StorageBackend(ABC):
         """
 
     def on_stored(self, slots: Sequence[int]) -> None:
-        """``slots`` were just written by a completed store (default: nothing to do)."""
+        """``slots`` were just written by a completed store (default: nothing to do).
+
+        Runs on a background thread of the worker, never inside the engine step; calls
+        arrive in completion order, one at a time.
+        """
 
     @property
     def pinned(self) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -49,6 +50,7 @@ def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, r
         shm_name=shm_name,
         pin=config.pin_memory,
         world_size=world_size,
+        rank=rank,
     )
 
 
@@ -81,6 +83,10 @@ class WorkerHalf:
         self.geometry = geometry
         backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
         self.backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, rank))
+        # A backend's on_stored (e.g. an msync to disk) runs off the engine step, in order.
+        self._after_store: ThreadPoolExecutor | None = None
+        if type(self.backend).on_stored is not StorageBackend.on_stored:
+            self._after_store = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv_offload-on-stored")
         self.engine: TransferEngine | None = None
         self._layers: list[torch.Tensor] = []
         self._loads: dict[int, JobSpec] = {}
@@ -156,9 +162,15 @@ class WorkerHalf:
                 self._invalid_blocks.update(job.device_blocks)
         else:
             job = self._stores.pop(job_id)
-            if success:
-                self.backend.on_stored(job.slots)
+            if success and self._after_store is not None:
+                self._after_store.submit(self._on_stored, job.slots)
         self._outcomes.append(JobOutcome(job_id, success, nbytes, seconds, is_load))
+
+    def _on_stored(self, slots: Sequence[int]) -> None:
+        try:
+            self.backend.on_stored(slots)
+        except Exception:  # the blocks stay in the pool; only the backend's follow-up failed
+            logger.exception("kv_offload: %s.on_stored failed", type(self.backend).__name__)
 
     def _clear_blocks(self, device_blocks: Sequence[int]) -> None:
         """Zero the destination blocks of a failed load before vLLM gets them back.
@@ -201,4 +213,7 @@ class WorkerHalf:
             self.poll()
             self.engine.shutdown()
             self.engine = None
+        if self._after_store is not None:
+            self._after_store.shutdown(wait=True)  # every on_stored ran before the region goes
+            self._after_store = None
         self.backend.close()

@@ -79,7 +79,11 @@ def open_private_subdir(parent_fd: int, name: str, what: str, *, create: bool = 
     try:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW, dir_fd=parent_fd)
     except OSError as e:
-        why = "it is a symlink; refusing to follow it" if e.errno == errno.ELOOP else e.strerror
+        try:
+            link = stat.S_ISLNK(os.lstat(name, dir_fd=parent_fd).st_mode)
+        except OSError:
+            link = False
+        why = "it is a symlink; refusing to follow it" if link or e.errno == errno.ELOOP else e.strerror
         raise DiskTierError(f"cannot open {what}: {why}") from e
     try:
         check_stat(os.fstat(fd), what)

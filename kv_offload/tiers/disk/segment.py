@@ -56,9 +56,16 @@ class Segment:
 
     @classmethod
     def open(cls, dir_fd: int, stem: str, *, direct: bool, create: bool) -> Segment:
-        """Open (or, with ``create``, create) both files owner-only, never through a symlink."""
+        """Open (or, with ``create``, create) both files owner-only, never through a symlink.
+        On a read-only file system an existing segment is opened read-only (reads still work)."""
         flags = os.O_RDWR | NOFOLLOW | (os.O_CREAT if create else 0)
-        idx = os.open(stem + ".idx", flags, 0o600, dir_fd=dir_fd)
+        try:
+            idx = os.open(stem + ".idx", flags, 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            if create or e.errno not in (errno.EROFS, errno.EACCES):
+                raise
+            flags = os.O_RDONLY | NOFOLLOW
+            idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
         try:
             dat = os.open(stem + ".dat", flags | direct_flag(direct), 0o600, dir_fd=dir_fd)
         except BaseException:

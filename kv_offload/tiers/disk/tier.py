@@ -96,6 +96,7 @@ class DiskTier(BlockTier):
         self._free: list[_Loc] = []
         self._pins: dict[tuple[str, int], int] = {}
         self._writing: set[bytes] = set()
+        self._unusable: set[str] = set()  # segment names that are symlinks
         self._warned = {"write": False, "read": False}
         self._local = threading.local()
         self._buffers: list[AlignedBuffer] = []
@@ -202,12 +203,21 @@ class DiskTier(BlockTier):
                 self._adopt(seg)
                 return True
         owned = sum(s.owned for s in self._segments.values())
-        numbers = {parse_segment_name(s)[1] for s in self._segments if parse_segment_name(s)}  # type: ignore[index]
+        numbers = {parse_segment_name(s)[1] for s in (*self._segments, *self._unusable) if parse_segment_name(s)}  # type: ignore[index]
         while len(numbers) < self.max_segments or owned == 0:
             n = next(i for i in range(len(numbers) + 1) if i not in numbers)
             numbers.add(n)
             stem = Segment.stem_for(self.block_bytes, n)
-            seg = Segment.open(self._ns_fd, stem, direct=self.direct, create=True)
+            if stem in self._unusable:
+                continue
+            try:
+                seg = Segment.open(self._ns_fd, stem, direct=self.direct, create=True)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                log.warning("disk tier %s: segment %s is a symlink; not following it, skipping the name", self.path, stem)
+                self._unusable.add(stem)
+                continue
             self._segments[stem] = seg
             if seg.try_claim():
                 self._adopt(seg)
@@ -224,16 +234,18 @@ class DiskTier(BlockTier):
             if loc.seg is seg:
                 del self._index[key]
                 self._policy.remove(key)
+        empty: list[_Loc] = []
         for slot, entry in enumerate(seg.entries()):
             loc = _Loc(seg, slot)
             if entry is None or entry.namespace != self.namespace or entry.length != self.block_bytes:
-                self._free.append(loc)
+                empty.append(loc)
             elif entry.key in self._index or entry.key in self._writing:
                 seg.clear(slot, entry.key)  # a duplicate: keep the copy already indexed
-                self._free.append(loc)
+                empty.append(loc)
             else:
                 self._index[entry.key] = loc
                 self._policy.insert(entry.key)
+        self._free.extend(reversed(empty))  # taken from the end: ascending slots, sequential writes
 
     def _evictable(self, key: bytes) -> bool:
         loc = self._index.get(key)

@@ -85,8 +85,9 @@ class DiskTier(BlockTier):
         self.path = os.fspath(path)
         self.capacity_blocks = capacity_bytes // block_bytes
         target = segment_bytes or max(_SEGMENT_BYTES, -(-capacity_bytes // _MAX_DEFAULT_SEGMENTS))
-        self.slots_per_segment = max(1, min(self.capacity_blocks, target // block_bytes))
-        self.max_segments = max(1, self.capacity_blocks // self.slots_per_segment)
+        # as many segments as the target size asks for, sized to split the capacity evenly
+        self.max_segments = max(1, -(-self.capacity_blocks // max(1, target // block_bytes)))
+        self.slots_per_segment = max(1, self.capacity_blocks // self.max_segments)
         self.fault_hook = fault_hook
         self._policy = POLICIES.resolve(policy)(self.capacity_blocks) if isinstance(policy, str) else policy
         self._lock = threading.Lock()
@@ -297,12 +298,9 @@ class DiskTier(BlockTier):
         if self._pool is None or len(items) <= 1:
             return [fn(it) for it in items]
         k = min(self._threads, len(items))
-        chunks = [items[i::k] for i in range(k)]
-        done = list(self._pool.map(lambda c: [fn(it) for it in c], chunks))
-        out: list[_R] = [None] * len(items)  # type: ignore[list-item]
-        for i, res in enumerate(done):
-            out[i::k] = res
-        return out
+        step = -(-len(items) // k)  # contiguous runs: neighbouring slots stay sequential on disk
+        chunks = [items[i : i + step] for i in range(0, len(items), step)]
+        return [r for done in self._pool.map(lambda c: [fn(it) for it in c], chunks) for r in done]
 
     def _vanished(self) -> OSError | None:
         try:

@@ -9,13 +9,14 @@ naming the key. Each field's comment is its documentation (docs/usage.md has the
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "OffloadConfig", "parse_bytes"]
+__all__ = ["ConfigError", "DiskConfig", "OffloadConfig", "parse_bytes"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -106,6 +107,37 @@ def _optional(key: str, value: object, parse: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """The persistent disk tier below the DRAM pool (``"disk": {...}`` in the config)."""
+
+    #: Directory of the tier (created 0700; refused if world-writable or another user's).
+    path: str
+    #: Capacity in bytes over all workers (int, or a string such as "200GiB").
+    capacity_bytes: int
+    #: I/O threads per worker.
+    threads: int = 4
+
+    @classmethod
+    def from_dict(cls, raw: object) -> DiskConfig:
+        if not isinstance(raw, Mapping):
+            raise ConfigError("disk", f"expected a JSON object such as {{\"path\": ..., \"bytes\": \"200GiB\"}}, got {_show(raw)}")
+        unknown = [k for k in raw if k not in ("path", "bytes", "threads")]
+        if unknown:
+            raise ConfigError(f"disk.{_show(unknown[0]) if not isinstance(unknown[0], str) else unknown[0]}",
+                              "unknown key; accepted keys: ['bytes', 'path', 'threads']")  # fmt: skip
+        if "path" not in raw:
+            raise ConfigError("disk.path", "is required (the tier's directory)")
+        path = _name("disk.path", raw["path"])
+        if "\0" in path:
+            raise ConfigError("disk.path", "must not contain NUL")
+        if "bytes" not in raw:
+            raise ConfigError("disk.bytes", "is required (the tier's capacity, e.g. '200GiB')")
+        capacity = parse_bytes(raw["bytes"], "disk.bytes")
+        threads = _int_in("disk.threads", raw.get("threads", 4), 1, 64)
+        return cls(os.path.abspath(os.path.expanduser(path)), capacity, threads)
+
+
+@dataclass(frozen=True)
 class OffloadConfig:
     #: Capacity of the pool in bytes (int, or a string such as "4GiB"). Required.
     cpu_bytes: int
@@ -143,6 +175,10 @@ class OffloadConfig:
     fail_load_every: int = 0
     #: Test only: make every N-th store job fail (nothing is written); 0: never.
     fail_store_every: int = 0
+    #: A persistent disk tier below the pool: {"path": DIR, "bytes": "200GiB"[, "threads": 4]}
+    #: (None: DRAM only). Stored blocks are written through to it; hits there are promoted
+    #: through the pool into the KV cache. Blocks survive restarts and are shared by processes.
+    disk: DiskConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> OffloadConfig:
@@ -183,6 +219,8 @@ class OffloadConfig:
         for key in ("pin_memory", "offload_prompt_only", "recompute_on_load_failure"):
             if key in raw:
                 _check_type(key, raw[key], (bool,), "true or false")
+        if raw.get("disk") is not None:
+            values["disk"] = DiskConfig.from_dict(raw["disk"])
         if "backend_options" in raw:
             _check_type("backend_options", raw["backend_options"], (Mapping,), "a JSON object")
             bad = [k for k in raw["backend_options"] if not isinstance(k, str)]

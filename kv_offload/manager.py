@@ -233,7 +233,7 @@ class OffloadManager:
             self.policy.touch(key)
         return [e.slot for e in entries]
 
-    def complete_load(self, keys: Sequence[OffloadKey], success: bool = True) -> None:
+    def complete_load(self, keys: Sequence[OffloadKey], success: bool = True, *, count: bool = True) -> None:
         """The read of ``keys`` finished; they may be evicted again.
 
         On failure the blocks leave the index: whatever made the load fail (a bad copy, a
@@ -259,11 +259,33 @@ class OffloadManager:
                 dropped.append(key)
         if dropped:
             self._record(EventKind.INVALIDATED, dropped)
+        if not count:
+            return
         if success:
             self.stats.loads += len(keys)
             self.stats.bytes_loaded += len(keys) * self.block_bytes
         else:
             self.stats.load_failures += len(keys)
+
+    def pin(self, keys: Sequence[OffloadKey]) -> list[int]:
+        """Keep ready ``keys`` from eviction while their slots are read for another tier (a
+        write-back): :meth:`prepare_load` that is neither a use nor counted. Raises
+        ``KeyError`` (and pins nothing) unless every key is ready; :meth:`pinnable` filters."""
+        entries = [self._entries.get(key) for key in keys]
+        for key, entry in zip(keys, entries):
+            if entry is None or not entry.ready:
+                raise KeyError(f"block {key.hex()} is not stored (or still being written, or invalidated)")
+        for entry in entries:
+            entry.readers += 1  # type: ignore[union-attr]
+        return [e.slot for e in entries]  # type: ignore[union-attr]
+
+    def pinnable(self, keys: Iterable[OffloadKey]) -> list[OffloadKey]:
+        """The ``keys`` that are ready now, in order (what :meth:`pin` accepts)."""
+        return [k for k in keys if (e := self._entries.get(k)) is not None and e.ready]
+
+    def unpin(self, keys: Sequence[OffloadKey]) -> None:
+        """End a :meth:`pin`; an invalidated block whose last reader this was is dropped."""
+        self.complete_load(keys, success=True, count=False)
 
     def touch(self, keys: Iterable[OffloadKey]) -> None:
         """Mark ``keys`` recently used (those stored; others are ignored)."""

@@ -346,3 +346,114 @@ def test_file_backend_keeps_tensor_parallel_ranks_apart(tmp_path: "os.PathLike[s
     for backend, region in regions:
         del region
         backend.close()
+
+
+# -- the disk tier: write-through, restart, promotion (real files, real copies) --------------------
+def _disk_halves(tmp: str, fail_load_every: int = 0) -> tuple[SchedulerHalf, WorkerHalf, object]:
+    from kv_offload.vllm.worker import open_disk_tier
+
+    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "disk": {"path": tmp, "bytes": "64MiB"},
+                                   "fail_load_every": fail_load_every})  # fmt: skip
+    index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
+    half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
+    worker = WorkerHalf(cfg, GEOM, namespace=b"n" * 16)
+    return half, worker, index
+
+
+def _step(half: SchedulerHalf, worker: WorkerHalf, scheduled: list[ScheduledRequest]) -> StepPlan:
+    plan = half.build_plan(scheduled)
+    worker.flush(plan)
+    worker.start_loads(plan)
+    worker.submit_stores(plan)
+    return plan
+
+
+def _run_until_settled(half: SchedulerHalf, worker: WorkerHalf) -> None:
+    deadline = time.monotonic() + 20
+    while (half.num_pending_jobs or worker.num_in_flight) and time.monotonic() < deadline:
+        if not half._jobs:  # write-backs queued: the next step plans them
+            _step(half, worker, [])
+        worker.poll()
+        report = worker.take_report()
+        if report:
+            half.on_report(report)
+        time.sleep(0.002)
+    half.check_settled()
+
+
+def test_disk_tier_survives_a_restart_and_promotes_through_the_pool(tmp_path: "os.PathLike[str]") -> None:
+    tmp = str(tmp_path)
+    layers = _layers()
+    half, worker, index = _disk_halves(tmp)
+    worker.register(layers)
+    a = FakeRequest("a", list(range(3 * BS)))
+    half.on_alloc(a, [1, 2, 3], 0)
+    _step(half, worker, [ScheduledRequest(a, 0, 3 * BS, [1, 2, 3])])
+    _run_until_settled(half, worker)
+    assert half.take_counters().written_back_blocks == 3
+    expected = [t[[1, 2, 3]].clone() for t in layers]
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]
+
+    # A new process: an empty pool, a new KV cache; the disk still has the blocks.
+    layers2 = _layers()
+    half, worker, index = _disk_halves(tmp)
+    worker.register(layers2)
+    b = FakeRequest("b", list(range(3 * BS)) + [7])
+    assert half.match(b, 0) == (3 * BS, True)
+    half.on_alloc(b, [5, 6, 4, 0], 3 * BS)
+    plan = _step(half, worker, [])
+    assert len(plan.promotes) == 1 and not plan.loads
+    _run_until_settled(half, worker)
+    assert worker.take_finished_recving() == {"b"} and worker.take_invalid_blocks() == set()
+    for t, e in zip(layers2, expected):
+        assert torch.equal(t[[5, 6, 4]], e)  # byte for byte, through disk and pool
+    counters = half.take_counters()
+    assert counters.promoted_blocks == 3 and counters.disk_hit_tokens == 3 * BS
+    # Promoted blocks are pool blocks now: the next hit comes from DRAM.
+    assert half.match(FakeRequest("c", list(range(3 * BS)) + [9]), 0) == (3 * BS, True)
+    assert half._matches["c"][1:] == (3, 0)
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]
+
+
+def test_a_corrupt_disk_block_is_a_miss_and_the_request_recomputes(tmp_path: "os.PathLike[str]") -> None:
+    import glob
+    import os
+
+    tmp = str(tmp_path)
+    half, worker, index = _disk_halves(tmp)
+    worker.register(_layers())
+    a = FakeRequest("a", list(range(2 * BS)))
+    half.on_alloc(a, [1, 2], 0)
+    _step(half, worker, [ScheduledRequest(a, 0, 2 * BS, [1, 2])])
+    _run_until_settled(half, worker)
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]
+    for path in glob.glob(os.path.join(tmp, "**", "*.dat"), recursive=True):
+        with open(path, "r+b") as f:  # flip bytes in every stored body
+            data = bytearray(f.read())
+            for i in range(0, len(data), 4096):
+                data[i] ^= 0xFF
+            f.seek(0)
+            f.write(data)
+    layers = _layers()
+    before = [t.clone() for t in layers]
+    half, worker, index = _disk_halves(tmp)
+    worker.register(layers)
+    b = FakeRequest("b", list(range(2 * BS)) + [1])
+    assert half.match(b, 0) == (2 * BS, True)
+    half.on_alloc(b, [3, 4, 5], 2 * BS)
+    _step(half, worker, [])
+    _run_until_settled(half, worker)
+    assert worker.take_finished_recving() == {"b"} and worker.take_invalid_blocks() == {3, 4}
+    counters = half.take_counters()
+    assert counters.failed_promotes == 1 and counters.promoted_blocks == 0
+    assert worker.tier is not None and worker.tier.stats().corruptions >= 1
+    others = [i for i in range(8) if i not in (3, 4)]
+    for t, b0 in zip(layers, before):
+        assert torch.equal(t[others], b0[others])
+        assert not torch.isnan(t[[3, 4]]).any()
+    assert half.manager.num_used == 0  # the failed promotion freed its reserved slots
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]

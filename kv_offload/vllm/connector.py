@@ -14,6 +14,7 @@ dataclasses of :mod:`kv_offload.vllm.metadata`, wrapped here in vLLM's marker cl
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,8 @@ from kv_offload.vllm.compat import (
 from kv_offload.vllm.metadata import StepPlan, TransferReport
 from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
-from kv_offload.vllm.worker import WorkerHalf, backend_spec
+from kv_offload.tiers.base import BlockTier
+from kv_offload.vllm.worker import WorkerHalf, backend_spec, open_disk_tier
 
 __all__ = [
     "KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components",
@@ -120,6 +122,30 @@ def warn_if_pool_below_one_prompt(num_slots: int, block_size: int, max_model_len
     return True
 
 
+#: how often the scheduler re-reads the disk tier's index for other processes' blocks
+_DISK_REFRESH_SECONDS = 2.0
+
+
+class _Refresher:
+    """Calls ``tier.refresh()`` every ``period`` seconds on a daemon thread, off the step."""
+
+    def __init__(self, tier: BlockTier, period: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tier, period), name="kv_offload-disk-index", daemon=True)
+        self._thread.start()
+
+    def _run(self, tier: BlockTier, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                tier.refresh()
+            except Exception:  # never take the scheduler down; the index just stays older
+                logger.exception("kv_offload: refreshing the disk tier's index failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     """Offloads KV blocks into a host pool and loads them back on prefix hits."""
 
@@ -140,9 +166,17 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             manager = build_manager(self.config, self.geometry, self.world_size)
             block_size = self.geometry.block_size
             self.namespace = compat.namespace(vllm_config, self.geometry)
+            self.disk_index: BlockTier | None = None
+            if self.config.disk is not None:
+                # The scheduler's view of rank 0's disk tier: an index it only reads, refreshed
+                # in the background for blocks other processes wrote (it never writes).
+                self.disk_index = open_disk_tier(
+                    self.config.disk, self.geometry.slot_bytes, self.namespace.rank_digest(0), self.world_size
+                )
+                self._refresher = _Refresher(self.disk_index, _DISK_REFRESH_SECONDS)
             self.scheduler_half = SchedulerHalf(
                 self.config, manager, block_size=block_size, world_size=self.world_size,
-                namespace=self.namespace.digest, extra_keys=compat.block_extra_keys,
+                namespace=self.namespace.digest, extra_keys=compat.block_extra_keys, disk=self.disk_index,
             )  # fmt: skip
             if self.config.recompute_on_load_failure and compat.use_recompute_policy(vllm_config):
                 logger.info("kv_offload: kv_load_failure_policy set to 'recompute' (a failed load recomputes)")
@@ -154,8 +188,10 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             warn_if_pool_below_one_prompt(manager.num_slots, block_size, compat.max_model_len(vllm_config))
         else:
             check_components(self.config, self.geometry, self.world_size)
+            rank = compat.worker_rank()
+            namespace = compat.namespace(vllm_config, self.geometry).rank_digest(rank) if self.config.disk else None
             self.worker_half = WorkerHalf(
-                self.config, self.geometry, world_size=self.world_size, rank=compat.worker_rank()
+                self.config, self.geometry, world_size=self.world_size, rank=rank, namespace=namespace
             )
 
     # -- vLLM properties and class hooks -------------------------------------------------
@@ -297,3 +333,6 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     def shutdown(self) -> None:
         if self.worker_half is not None:
             self.worker_half.shutdown()
+        if self.scheduler_half is not None and self.disk_index is not None:
+            self._refresher.stop()
+            self.disk_index.close()

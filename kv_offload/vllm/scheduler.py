@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -67,6 +67,17 @@ class ScheduledRequest:
 class _Kind(enum.Enum):
     LOAD = "load"
     STORE = "store"
+    #: disk -> pool -> KV cache
+    PROMOTE = "promote"
+    #: pool -> disk
+    WRITEBACK = "writeback"
+
+
+class TierIndex(Protocol):
+    """What the scheduler asks of the tier below the pool: which blocks it holds (an
+    in-memory answer; a :class:`~kv_offload.tiers.BlockTier` is one)."""
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]: ...
 
 
 @dataclass
@@ -117,6 +128,14 @@ class OffloadCounters:
     evicted_blocks: int = 0
     #: blocks dropped from the pool because a load of them failed
     invalidated_blocks: int = 0
+    #: prompt tokens served from the disk tier (also in ``hit_tokens``)
+    disk_hit_tokens: int = 0
+    #: blocks promoted disk -> pool -> KV cache; promotions that failed (recomputed)
+    promoted_blocks: int = 0
+    failed_promotes: int = 0
+    #: blocks written through to the disk tier; write-backs that failed (blocks skipped)
+    written_back_blocks: int = 0
+    failed_writebacks: int = 0
     flushes: int = 0
     #: per finished job: (direction, bytes, seconds), for throughput histograms
     transfers: list[tuple[str, int, float]] = field(default_factory=list)
@@ -140,6 +159,8 @@ class SchedulerHalf:
             ``cache_salt``, ...): a :data:`~kv_offload.keys.ExtraKeys` function, or ``None``
             when nothing does. The facade passes vLLM's own extra keys.
         world_size: workers that each report every job (tensor/pipeline parallel ranks).
+        disk: the disk tier's index (None: DRAM only). Completed stores are written through
+            to it; a prefix the pool lacks but the disk holds is promoted through the pool.
     """
 
     def __init__(
@@ -151,6 +172,7 @@ class SchedulerHalf:
         namespace: bytes = bytes(DIGEST_BYTES),
         extra_keys: Callable[[RequestView], ExtraKeys | None] | None = None,
         world_size: int = 1,
+        disk: TierIndex | None = None,
     ) -> None:
         if len(namespace) != DIGEST_BYTES:
             raise ValueError(f"namespace must be a {DIGEST_BYTES}-byte digest, got {len(namespace)} bytes")
@@ -160,13 +182,19 @@ class SchedulerHalf:
         self.namespace = namespace
         self._extra_keys = extra_keys
         self.world_size = world_size
+        self.disk = disk
+        #: blocks our workers wrote to the disk tier (the index learns of them only on refresh)
+        self._on_disk: OrderedDict[bytes, None] = OrderedDict()
+        #: keys whose store completed, to write through to the disk tier next step
+        self._writeback_queue: list[bytes] = []
         self._reqs: dict[str, _ReqState] = {}
-        self._matches: dict[str, tuple[int, int]] = {}
+        self._matches: dict[str, tuple[int, int, int]] = {}
         self._jobs: dict[int, _Job] = {}
         self._job_ids = itertools.count(1)
         #: device block -> store jobs still reading it
         self._reading: defaultdict[int, set[int]] = defaultdict(set)
         self._step_loads: list[JobSpec] = []
+        self._step_promotes: list[JobSpec] = []
         self._counters = OffloadCounters()
         self._evictions_seen = manager.stats.evictions
         self._invalidated_seen = manager.stats.invalidated
@@ -199,11 +227,24 @@ class SchedulerHalf:
         limit = (request.num_tokens - 1) // bs
         if start >= limit:
             return 0, False
-        hits = self.manager.lookup(self.block_keys(request, limit)[start:])
-        if hits == 0 or hits * bs < self.config.min_load_tokens:
+        keys = self.block_keys(request, limit)[start:]
+        hits = self.manager.lookup(keys)
+        disk_hits = self._disk_run(keys[hits:]) if self.disk is not None else 0
+        if hits + disk_hits == 0 or (hits + disk_hits) * bs < self.config.min_load_tokens:
             return 0, False
-        self._matches[request.request_id] = (start, hits)
-        return hits * bs, True
+        self._matches[request.request_id] = (start, hits, disk_hits)
+        return (hits + disk_hits) * bs, True
+
+    def _disk_run(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` the disk tier holds."""
+        assert self.disk is not None
+        held = self.disk.contains(keys) if keys else []
+        n = 0
+        for key, there in zip(keys, held):
+            if not (there or key in self._on_disk):
+                break
+            n += 1
+        return n
 
     def on_alloc(self, request: RequestView, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """Blocks were allocated for ``request``; plan the load of its pool hit, if any."""
@@ -219,17 +260,42 @@ class SchedulerHalf:
                 f"kv_offload: request {req_id} was given {num_external_tokens} external tokens"
                 " that the pool did not offer"
             )
-        start, hits = match
+        start, hits, disk_hits = match
         n = num_external_tokens // self.block_size
-        if n > hits:
-            raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits} hit")
+        if n > hits + disk_hits:
+            raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits + disk_hits} hit")
         keys = tuple(self.block_keys(request, start + n)[start:])
         device_blocks = tuple(int(b) for b in block_ids[start : start + n])
-        slots = self.manager.prepare_load(keys)
-        job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(_Kind.LOAD, keys, device_blocks)
-        self._step_loads.append(JobSpec(job_id, device_blocks, tuple(slots), req_id))
+        from_pool = min(n, hits)
+        if from_pool:
+            slots = self.manager.prepare_load(keys[:from_pool])
+            job_id = next(self._job_ids)
+            self._jobs[job_id] = _Job(_Kind.LOAD, keys[:from_pool], device_blocks[:from_pool])
+            self._step_loads.append(JobSpec(job_id, device_blocks[:from_pool], tuple(slots), req_id))
+        if n > from_pool:
+            self._plan_promote(req_id, keys[from_pool:], device_blocks[from_pool:], state)
         self._counters.hit_tokens += num_external_tokens
+        self._counters.disk_hit_tokens += (n - from_pool) * self.block_size
+
+    def _plan_promote(
+        self, req_id: str, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], state: _ReqState
+    ) -> None:
+        """Reserve pool slots for disk blocks and plan their promotion into ``device_blocks``.
+
+        The slots are reserved like a store's (not readable until the promotion settles); the
+        request's earlier blocks are kept. No room for all of them: the job carries no keys
+        and fails at once on the worker, and vLLM recomputes those blocks.
+        """
+        plan = self.manager.prepare_store(keys, keep=state.kept)
+        job_id = next(self._job_ids)
+        if plan is None or plan.keys != keys:
+            if plan is not None and plan.keys:
+                self.manager.complete_store(plan.keys, success=False)
+            self._jobs[job_id] = _Job(_Kind.PROMOTE, (), device_blocks)
+            self._step_promotes.append(JobSpec(job_id, device_blocks, (), req_id))
+            return
+        self._jobs[job_id] = _Job(_Kind.PROMOTE, keys, device_blocks)
+        self._step_promotes.append(JobSpec(job_id, device_blocks, plan.slots, req_id, keys))
 
     def on_finished(self, request: RequestView) -> None:
         """``request`` finished or was aborted. Its jobs stay tracked until they settle."""
@@ -244,8 +310,9 @@ class SchedulerHalf:
         scheduled = list(scheduled)
         bs = self.block_size
         loads, self._step_loads = self._step_loads, []
+        promotes, self._step_promotes = self._step_promotes, []
         written: set[int] = {int(b) for b in zeroed_blocks}
-        for job in loads:
+        for job in loads + promotes:
             written.update(job.device_blocks)
         for s in scheduled:
             if s.num_new_tokens <= 0:
@@ -258,8 +325,24 @@ class SchedulerHalf:
             flush |= self._reading[block]
         self._counters.flushes += len(flush)
         stores = [store for s in scheduled if (store := self._plan_store(s)) is not None]
+        writebacks = self._plan_writebacks()
         self._note_evictions()
-        return StepPlan(flush=tuple(sorted(flush)), loads=tuple(loads), stores=tuple(stores))
+        return StepPlan(
+            flush=tuple(sorted(flush)), loads=tuple(loads), stores=tuple(stores),
+            promotes=tuple(promotes), writebacks=writebacks,
+        )  # fmt: skip
+
+    def _plan_writebacks(self) -> tuple[JobSpec, ...]:
+        """Write completed stores through to the disk tier: their pool slots are pinned (not
+        evicted nor reused) until the write-back settles."""
+        queued, self._writeback_queue = self._writeback_queue, []
+        keys = tuple(k for k in self.manager.pinnable(dict.fromkeys(queued)) if k not in self._on_disk)
+        if not keys:
+            return ()
+        slots = self.manager.pin(keys)
+        job_id = next(self._job_ids)
+        self._jobs[job_id] = _Job(_Kind.WRITEBACK, keys, ())
+        return (JobSpec(job_id, (), tuple(slots), None, keys),)
 
     def _plan_store(self, s: ScheduledRequest) -> JobSpec | None:
         state = self._state(s.request)
@@ -312,10 +395,10 @@ class SchedulerHalf:
                 raise RuntimeError(f"kv_offload: report for unknown job {outcome.job_id}")
             job.reports += 1
             job.success = job.success and outcome.success
-            direction = job.kind.value
-            if outcome.success:
-                self._counters.transfers.append((direction, outcome.nbytes, outcome.seconds))
-                if job.kind is _Kind.LOAD:
+            if outcome.success and job.kind is not _Kind.WRITEBACK:
+                loading = job.kind is not _Kind.STORE
+                self._counters.transfers.append(("load" if loading else "store", outcome.nbytes, outcome.seconds))
+                if loading:
                     self._counters.loaded_bytes += outcome.nbytes
                     self._counters.load_seconds += outcome.seconds
                 else:
@@ -324,26 +407,58 @@ class SchedulerHalf:
             if job.reports < self.world_size:
                 continue
             del self._jobs[outcome.job_id]
-            if job.kind is _Kind.LOAD:
-                self.manager.complete_load(job.keys, job.success)
-                self._counters.load_jobs += 1
-                if job.success:
-                    self._counters.loaded_blocks += len(job.keys)
-                else:
-                    self._counters.failed_loads += 1
+            self._settle(outcome.job_id, job)
+
+    def _settle(self, job_id: int, job: _Job) -> None:
+        counters = self._counters
+        if job.kind is _Kind.LOAD:
+            self.manager.complete_load(job.keys, job.success)
+            counters.load_jobs += 1
+            if job.success:
+                counters.loaded_blocks += len(job.keys)
             else:
+                counters.failed_loads += 1
+        elif job.kind is _Kind.PROMOTE:
+            # The promoted blocks now sit in their reserved pool slots: they become pool
+            # blocks like any stored one. A failed promotion frees the slots; the disk's
+            # copy is not trusted again by this scheduler until the tier lists it anew.
+            if job.keys:
                 self.manager.complete_store(job.keys, job.success)
-                self._counters.store_jobs += 1
-                if job.success:
-                    self._counters.stored_blocks += len(job.keys)
-                else:
-                    self._counters.failed_stores += 1
-                for block in job.device_blocks:
-                    readers = self._reading.get(block)
-                    if readers is not None:
-                        readers.discard(outcome.job_id)
-                        if not readers:
-                            del self._reading[block]
+            counters.load_jobs += 1
+            if job.success and job.keys:
+                counters.loaded_blocks += len(job.keys)
+                counters.promoted_blocks += len(job.keys)
+            else:
+                counters.failed_loads += 1
+                counters.failed_promotes += 1
+                for key in job.keys:
+                    self._on_disk.pop(key, None)
+        elif job.kind is _Kind.WRITEBACK:
+            self.manager.unpin(job.keys)
+            if job.success:
+                counters.written_back_blocks += len(job.keys)
+                for key in job.keys:
+                    self._on_disk[key] = None
+                    self._on_disk.move_to_end(key)
+                while len(self._on_disk) > max(1024, 4 * self.manager.num_slots):
+                    self._on_disk.popitem(last=False)
+            else:
+                counters.failed_writebacks += 1
+        else:
+            self.manager.complete_store(job.keys, job.success)
+            counters.store_jobs += 1
+            if job.success:
+                counters.stored_blocks += len(job.keys)
+                if self.disk is not None:
+                    self._writeback_queue.extend(job.keys)
+            else:
+                counters.failed_stores += 1
+            for block in job.device_blocks:
+                readers = self._reading.get(block)
+                if readers is not None:
+                    readers.discard(job_id)
+                    if not readers:
+                        del self._reading[block]
 
     # -- maintenance ---------------------------------------------------------------------
     def reset(self) -> int:
@@ -365,7 +480,8 @@ class SchedulerHalf:
 
     @property
     def num_pending_jobs(self) -> int:
-        return len(self._jobs)
+        """Jobs in flight, and write-backs queued for the next step."""
+        return len(self._jobs) + (1 if self._writeback_queue else 0)
 
     def pending_blocks(self) -> set[int]:
         """Device blocks read by stores not yet settled."""
@@ -375,7 +491,8 @@ class SchedulerHalf:
         """Assert the accounting is back to rest: no job, reservation or fence left over."""
         assert not self._jobs, f"{len(self._jobs)} jobs not settled"
         assert not self._reading, f"fences left on blocks {sorted(self._reading)[:8]}"
-        assert not self._step_loads, "loads planned but never shipped"
+        assert not self._step_loads and not self._step_promotes, "loads planned but never shipped"
+        assert not self._writeback_queue, "write-backs queued but never planned"
         assert self.manager.num_reading == 0, f"{self.manager.num_reading} blocks still protected for loads"
         assert self.manager.num_writing == 0, f"{self.manager.num_writing} blocks still reserved for stores"
         self.manager.check_invariants()

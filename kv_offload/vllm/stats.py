@@ -17,6 +17,11 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:evicted_blocks_total``         blocks evicted from the pool
 ``kv_offload:stores_skipped_total``         blocks not stored: no room (everything in use)
 ``kv_offload:invalidated_blocks_total``     blocks dropped from the pool after a failed load
+``kv_offload:disk_hit_tokens_total``        prompt tokens served from the disk tier
+``kv_offload:promoted_blocks_total``        blocks promoted disk -> pool -> KV cache
+``kv_offload:failed_promotes_total``        promotions that failed (the request recomputed)
+``kv_offload:written_back_blocks_total``    blocks written through to the disk tier
+``kv_offload:failed_writebacks_total``      write-backs that failed (the blocks stay DRAM-only)
 ``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``
 ``kv_offload:pool_used_blocks``             gauge: blocks held
 ``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
@@ -43,6 +48,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "evicted_blocks": ("kv_offload:evicted_blocks", "KV blocks evicted from the pool."),
     "stores_skipped": ("kv_offload:stores_skipped", "KV blocks not stored because the pool had no free room."),
     "invalidated_blocks": ("kv_offload:invalidated_blocks", "KV blocks dropped from the pool after a failed load."),
+    "disk_hit_tokens": ("kv_offload:disk_hit_tokens", "Prompt tokens served from the disk tier (through the pool)."),
+    "promoted_blocks": ("kv_offload:promoted_blocks", "KV blocks promoted from the disk tier into the KV cache."),
+    "failed_promotes": ("kv_offload:failed_promotes", "Promotions from the disk tier that failed (recomputed)."),
+    "written_back_blocks": ("kv_offload:written_back_blocks", "KV blocks written through to the disk tier."),
+    "failed_writebacks": ("kv_offload:failed_writebacks", "Write-backs to the disk tier that failed."),
 }
 #: data key -> (metric name, help text); the latest value wins
 GAUGES: dict[str, tuple[str, str]] = {

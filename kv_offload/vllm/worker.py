@@ -19,19 +19,22 @@ Per step, in vLLM's call order::
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from kv_offload.backends import BACKENDS, BackendSpec, StorageBackend
-from kv_offload.config import OffloadConfig
+from kv_offload.config import DiskConfig, OffloadConfig
 from kv_offload.geometry import KVGeometry
 from kv_offload.transfer import Direction, TransferEngine, TransferError, TransferJob, regions_from_layers
 from kv_offload.transfer.plan import PageRegion
+from kv_offload.transfer.tier_io import TierIO, TierOp
+from kv_offload.tiers.base import BlockTier
 from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferReport
 
-__all__ = ["WorkerHalf", "make_engine", "backend_spec"]
+__all__ = ["WorkerHalf", "make_engine", "backend_spec", "open_disk_tier"]
 
 # A child of vLLM's logger, so messages show in vLLM's log with its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -52,6 +55,14 @@ def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, r
         world_size=world_size,
         rank=rank,
     )
+
+
+def open_disk_tier(disk: DiskConfig, block_bytes: int, namespace: bytes, world_size: int = 1) -> BlockTier:
+    """The disk tier of one worker (or the scheduler's view of it): ``disk.capacity_bytes`` is
+    split evenly over the workers, each of which keeps its shards in its own namespace."""
+    from kv_offload.tiers.disk import DiskTier
+
+    return DiskTier(disk.path, disk.capacity_bytes // world_size, namespace, block_bytes, threads=disk.threads)
 
 
 def make_engine(
@@ -76,11 +87,22 @@ class WorkerHalf:
         config: the validated connector configuration.
         geometry: the KV geometry as the scheduler half sized the pool with.
         world_size, rank: this worker's place (the pool capacity is split over workers).
+        namespace: this worker's 16-byte key namespace (``Namespace.rank_digest(rank)``),
+            needed with a disk tier: the tier keeps each namespace's blocks apart.
     """
 
-    def __init__(self, config: OffloadConfig, geometry: KVGeometry, *, world_size: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self, config: OffloadConfig, geometry: KVGeometry, *, world_size: int = 1, rank: int = 0,
+        namespace: bytes | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.geometry = geometry
+        self.tier: BlockTier | None = None
+        if config.disk is not None:
+            if namespace is None:
+                raise ValueError("kv_offload: a disk tier needs the worker's key namespace")
+            self.tier = open_disk_tier(config.disk, geometry.slot_bytes, namespace, world_size)
+        self._tier_io: TierIO | None = None
         backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
         self.backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, rank))
         # A backend's on_stored (e.g. an msync to disk) runs off the engine step, in order.
@@ -91,6 +113,9 @@ class WorkerHalf:
         self._layers: list[torch.Tensor] = []
         self._loads: dict[int, JobSpec] = {}
         self._stores: dict[int, JobSpec] = {}
+        self._writebacks: dict[int, JobSpec] = {}
+        #: request -> its loads and promotions not settled yet (it is done receiving at 0)
+        self._receiving: Counter[str] = Counter()
         self._outcomes: list[JobOutcome] = []
         self._finished_recving: set[str] = set()
         self._invalid_blocks: set[int] = set()
@@ -101,6 +126,8 @@ class WorkerHalf:
         if not layers:
             raise ValueError("kv_offload: no KV cache tensors to register")
         pool = self.backend.open()
+        if self.tier is not None:
+            self._tier_io = TierIO(self.tier, pool)
         self._layers = list(layers)
         regions = regions_from_layers(layers, self.geometry)
         engine = make_engine(regions, pool, layers[0].device, self.config.transfer_threads)
@@ -129,12 +156,30 @@ class WorkerHalf:
             self._engine().wait(plan.flush)
 
     def start_loads(self, plan: StepPlan) -> None:
+        for job in plan.loads + plan.promotes:
+            assert job.req_id is not None
+            self._receiving[job.req_id] += 1
         for job in plan.loads:
             self._submit(job, Direction.LOAD, self._loads)
+        for job in plan.promotes:
+            # First leg: disk -> the reserved pool slots, on the tier's thread; the second
+            # (pool -> KV cache) is submitted from poll() once the read is verified.
+            self._loads[job.job_id] = job
+            if not job.keys or self._tier_io is None:  # the pool had no room for it
+                self._settle(job.job_id, False, 0, 0.0, True)
+            else:
+                self._tier_io.read(job.job_id, job.keys, job.slots)
 
     def submit_stores(self, plan: StepPlan) -> None:
         for job in plan.stores:
             self._submit(job, Direction.STORE, self._stores)
+        for job in plan.writebacks:
+            self._writebacks[job.job_id] = job
+            if self._tier_io is None:
+                self._outcomes.append(JobOutcome(job.job_id, False, 0, 0.0, False))
+                del self._writebacks[job.job_id]
+            else:
+                self._tier_io.write(job.job_id, job.keys, job.slots)
 
     def _submit(self, job: JobSpec, direction: Direction, table: dict[int, JobSpec]) -> None:
         table[job.job_id] = job
@@ -146,6 +191,17 @@ class WorkerHalf:
 
     def poll(self) -> None:
         """Collect finished jobs (never blocks)."""
+        for done in self._tier_io.poll() if self._tier_io is not None else ():
+            if done.op is TierOp.WRITE:
+                self._writebacks.pop(done.job_id)
+                if not done.success:
+                    logger.debug("kv_offload: write-back %d: %s", done.job_id, done.error)
+                self._outcomes.append(JobOutcome(done.job_id, done.success, done.nbytes, done.seconds, False))
+            elif done.success:  # promotion, second leg: pool -> KV cache
+                self._submit(self._loads[done.job_id], Direction.LOAD, self._loads)
+            else:
+                logger.warning("kv_offload: promotion %d failed: %s (recomputed)", done.job_id, done.error)
+                self._settle(done.job_id, False, 0, done.seconds, True)
         for result in self._engine().poll():
             if not result.success:
                 logger.warning("kv_offload: %s job %d failed: %s", result.direction.value, result.job_id, result.error)
@@ -156,7 +212,12 @@ class WorkerHalf:
         if is_load:
             job = self._loads.pop(job_id)
             assert job.req_id is not None
-            self._finished_recving.add(job.req_id)
+            # Done receiving once every load and promotion of the request settled: vLLM
+            # schedules it then, and its blocks must all be in place.
+            self._receiving[job.req_id] -= 1
+            if self._receiving[job.req_id] <= 0:
+                del self._receiving[job.req_id]
+                self._finished_recving.add(job.req_id)
             if not success:
                 self._clear_blocks(job.device_blocks)
                 self._invalid_blocks.update(job.device_blocks)
@@ -204,15 +265,23 @@ class WorkerHalf:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._loads) + len(self._stores)
+        return len(self._loads) + len(self._stores) + len(self._writebacks)
 
     def shutdown(self) -> None:
         """Finish every job in flight, then release the engine and the pool."""
+        if self._tier_io is not None:
+            self._tier_io.wait_all()
         if self.engine is not None:
+            self.poll()  # promotions whose read finished go to the engine now
             self.engine.wait(list(self._loads) + list(self._stores))
             self.poll()
             self.engine.shutdown()
             self.engine = None
+        if self._tier_io is not None:
+            self._tier_io.shutdown()
+            self._tier_io = None
+        if self.tier is not None:
+            self.tier.close()
         if self._after_store is not None:
             self._after_store.shutdown(wait=True)  # every on_stored ran before the region goes
             self._after_store = None

@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tier I/O: block copies between host-pool slots and a tier below the pool, off the step.
+
+The transfer path (pool <-> tier) next to the engines' (KV cache <-> pool): a job reads
+blocks from a :class:`~kv_offload.tiers.BlockTier` into pool slots (a promotion's first
+leg) or writes pool slots to the tier (a write-back). Jobs run in submission order on one
+background thread (the tier batches and parallelises each job's I/O itself), so ``read`` and
+``write`` return at once and ``poll`` hands back what finished, never blocking.
+
+The caller guarantees the slots are not reused while a job runs (the scheduler reserves a
+promotion's slots and pins a write-back's).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kv_offload.tiers.base import BlockTier
+
+__all__ = ["TierIO", "TierOp", "TierResult"]
+
+logger = logging.getLogger(__name__)
+
+
+class TierOp(str, enum.Enum):
+    #: tier -> pool slots
+    READ = "read"
+    #: pool slots -> tier
+    WRITE = "write"
+
+
+@dataclass(frozen=True)
+class TierResult:
+    job_id: int
+    op: TierOp
+    #: every block of the job was read (checksum verified) or written
+    success: bool
+    nbytes: int
+    seconds: float
+    error: str | None = None
+
+
+_Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], float]
+
+
+class TierIO:
+    """Runs tier jobs over ``pool`` (``uint8[num_slots, slot_bytes]``, the tier's block size)."""
+
+    def __init__(self, tier: BlockTier, pool: torch.Tensor) -> None:
+        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu":
+            raise ValueError("pool must be a CPU uint8 tensor [num_slots, slot_bytes]")
+        if pool.shape[1] != tier.block_bytes:
+            raise ValueError(f"pool slots hold {pool.shape[1]} bytes but the tier's blocks are {tier.block_bytes}")
+        self.tier = tier
+        self._slots = pool.numpy()  # a view: one memoryview per slot, no copy
+        self._jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._done: list[TierResult] = []
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kv_offload-tier-io", daemon=True)
+        self._thread.start()
+
+    def read(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        self._put(job_id, TierOp.READ, keys, slots)
+
+    def write(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        self._put(job_id, TierOp.WRITE, keys, slots)
+
+    def _put(self, job_id: int, op: TierOp, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        if len(keys) != len(slots):
+            raise ValueError(f"tier job {job_id}: {len(keys)} keys but {len(slots)} slots")
+        n = self._slots.shape[0]
+        bad = [s for s in slots if not 0 <= int(s) < n]
+        if bad:
+            raise ValueError(f"tier job {job_id}: slot {bad[0]} out of range [0, {n})")
+        with self._cond:
+            self._pending += 1
+        self._jobs.put((job_id, op, tuple(keys), tuple(int(s) for s in slots), time.perf_counter()))
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job_id, op, keys, slots, submitted = item
+            views = [memoryview(self._slots[s]) for s in slots]
+            error: str | None = None
+            try:
+                if op is TierOp.READ:
+                    ok = self.tier.read(keys, views)
+                else:
+                    ok = self.tier.write(list(zip(keys, views)))
+                success = all(ok)
+                if not success:
+                    error = f"{ok.count(False)} of {len(ok)} blocks not {'read' if op is TierOp.READ else 'written'}"
+            except Exception as exc:  # reported as a failed job; the caller recomputes or skips
+                success, error = False, f"{type(exc).__name__}: {exc}"
+                logger.warning("kv_offload: tier %s job %d failed: %s", op.value, job_id, error)
+            nbytes = len(keys) * self.tier.block_bytes if success else 0
+            result = TierResult(job_id, op, success, nbytes, time.perf_counter() - submitted, error)
+            with self._cond:
+                self._done.append(result)
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def poll(self) -> list[TierResult]:
+        with self._cond:
+            done, self._done = self._done, []
+        return done
+
+    def wait_all(self) -> None:
+        """Block until every submitted job finished (its result still comes from ``poll``)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0)
+
+    def shutdown(self) -> None:
+        """Finish the jobs already submitted, then stop the thread (the tier stays open)."""
+        self._jobs.put(None)
+        self._thread.join()

@@ -71,6 +71,10 @@ def test_sigkill_at_every_step_of_a_write_leaves_blocks_whole_or_absent(tmp_path
             ok, outs = read_back(t, [key(99, salt=n)])
             # committed = the entry was written: the block is there; before that it is absent
             assert ok == [step == "committed"], step
+            if ok[0]:
+                assert bytes(outs[0]) == body(key(99, salt=n)), step
+            ok, outs = read_back(t, list(t._index))  # every committed block reads back cleanly
+            assert all(ok) and t.stats().corruptions == 0, step
     assert _all_valid(root, blocks=16) > 0
     assert cli.main(["verify", "--path", root]) == 0
 

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from kv_offload.tiers.disk.files import AlignedBuffer, DiskTierError, check_directory, open_private_subdir
+from kv_offload.tiers.disk.files import AlignedBuffer, DiskTierError, check_directory, check_stat, open_private_subdir
 from kv_offload.tiers.disk.format import NAMESPACE_DIR_RE, parse_segment_name
-from kv_offload.tiers.disk.segment import ReadResult, Segment
+from kv_offload.tiers.disk.segment import ReadResult, Segment, UnsafeSegmentFile
 
 __all__ = ["main", "build_parser"]
 
@@ -38,7 +38,11 @@ def _segments(root_fd: int, ns_hex: str) -> Iterator[tuple[int, list[Segment]]]:
         for name in sorted(os.listdir(ns_fd)):
             stem, _, ext = name.rpartition(".")
             if ext == "idx" and parse_segment_name(stem):
-                seg = Segment.open(ns_fd, stem, direct=False, create=False)
+                try:  # each file is checked on its descriptor: regular, ours, one link
+                    seg = Segment.open(ns_fd, stem, direct=False, create=False)
+                except UnsafeSegmentFile as e:
+                    print(f"skipping segment {ns_hex}/{stem}: {e}", file=sys.stderr)
+                    continue
                 segs.append(seg)
         yield ns_fd, segs
     finally:
@@ -66,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DiskTierError("purge needs --namespace")
         root_fd = os.open(args.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            check_stat(os.fstat(root_fd), f"disk tier directory {args.path!r}")  # what we opened
             names = sorted(n for n in os.listdir(root_fd) if NAMESPACE_DIR_RE.match(n))
             if args.namespace is not None:
                 names = [n for n in names if n == args.namespace.lower()]
@@ -120,8 +125,13 @@ def _purge(root_fd: int, names: list[str]) -> int:
         with _segments(root_fd, ns_hex) as (ns_fd, segs):
             for seg in segs:
                 if seg.try_claim():
-                    os.unlink(seg.stem + ".dat", dir_fd=ns_fd)
+                    if not seg.still_linked():  # another purge removed or replaced it meanwhile
+                        continue
+                    # .idx first: whoever opened the segment before sees it gone once it holds
+                    # the lock (still_linked), and no .dat is ever recreated for a live .idx
                     os.unlink(seg.stem + ".idx", dir_fd=ns_fd)
+                    if seg.dat_fd >= 0:
+                        os.unlink(seg.stem + ".dat", dir_fd=ns_fd)
                     deleted += 1
                 else:
                     cleared += sum(seg.clear(slot, None) for slot in range(seg.slots))

@@ -12,11 +12,12 @@ import mmap
 import os
 import stat
 import struct
+import threading
 
 import numpy as np
 
 __all__ = [
-    "DiskTierError", "check_directory", "make_private_dir", "probe_direct", "AlignedBuffer",
+    "DiskTierError", "check_directory", "make_private_dir", "probe_direct", "AlignedBuffer", "BufferPool",
     "address_of", "check_stat", "open_private_subdir", "direct_flag", "lock_range", "unlock_range", "NOFOLLOW", "ALIGN",
 ]  # fmt: skip
 
@@ -28,12 +29,17 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _FLOCK = struct.Struct("hhqqi4x")
 
 
+#: Write bits for anyone but the owner: a directory with either is refused.
+_SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
 class DiskTierError(Exception):
-    """The disk tier cannot use a directory (wrong owner, world-writable, not a directory)."""
+    """The disk tier cannot use a directory (wrong owner, group- or world-writable, not a directory)."""
 
 
 def check_directory(path: str, *, follow: bool) -> os.stat_result:
-    """Refuse a directory another user could tamper with. ``follow``: whether ``path`` itself may
+    """Refuse a directory another user could tamper with (owned by another user, or group- or
+    world-writable: the docs promise 0700). ``follow``: whether ``path`` itself may
     be a symlink (the configured root may be; nothing inside it may)."""
     try:
         st = os.stat(path) if follow else os.lstat(path)
@@ -48,9 +54,9 @@ def check_directory(path: str, *, follow: bool) -> os.stat_result:
             f"disk tier directory {path!r} is owned by uid {st.st_uid}, not by this user "
             f"(uid {os.geteuid()}); refusing it"
         )
-    if st.st_mode & stat.S_IWOTH:
+    if st.st_mode & _SHARED_WRITE:
         raise DiskTierError(
-            f"disk tier directory {path!r} is world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"disk tier directory {path!r} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
             "refusing it (chmod 700 it or pick another)"
         )
     return st
@@ -62,13 +68,13 @@ def check_stat(st: os.stat_result, what: str) -> None:
         raise DiskTierError(f"{what} is not a directory")
     if st.st_uid != os.geteuid():
         raise DiskTierError(f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); refusing it")
-    if st.st_mode & stat.S_IWOTH:
-        raise DiskTierError(f"{what} is world-writable (mode {stat.S_IMODE(st.st_mode):o}); refusing it")
+    if st.st_mode & _SHARED_WRITE:
+        raise DiskTierError(f"{what} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); refusing it")
 
 
 def open_private_subdir(parent_fd: int, name: str, what: str, *, create: bool = True) -> int:
     """Create ``name`` under ``parent_fd`` owner-only if missing, open it without following a
-    symlink, and check it (owner, not world-writable). Returns the directory's descriptor."""
+    symlink, and check it (owner, not group- or world-writable). Returns the directory's descriptor."""
     if create:
         try:
             os.mkdir(name, 0o700, dir_fd=parent_fd)
@@ -113,8 +119,44 @@ class AlignedBuffer:
         self.view = memoryview(self.map)[:nbytes]
 
     def close(self) -> None:
-        self.view.release()
-        self.map.close()
+        """Unmap; a mapping a view still points into is left to the garbage collector."""
+        try:
+            self.view.release()
+            self.map.close()
+        except BufferError:
+            pass
+
+
+class BufferPool:
+    """Bounce buffers for callers' threads: taken for one I/O and given back; at most ``keep``
+    are kept between calls (the rest are unmapped), so short-lived threads leave nothing."""
+
+    def __init__(self, nbytes: int, keep: int) -> None:
+        self.nbytes = nbytes
+        self.keep = keep
+        self._free: list[AlignedBuffer] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self) -> AlignedBuffer:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return AlignedBuffer(self.nbytes)
+
+    def give(self, buf: AlignedBuffer) -> None:
+        with self._lock:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(buf)
+                return
+        buf.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            bufs, self._free = self._free, []
+        for buf in bufs:
+            buf.close()
 
 
 def address_of(view: memoryview) -> int:

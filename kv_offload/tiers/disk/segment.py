@@ -8,7 +8,11 @@ Concurrency across processes:
   half-written slot is only reused by whoever adopts the segment after the lock came free;
 - every slot access takes an OFD byte-range lock on the slot's entry: shared to read, exclusive
   to write or clear. A reader in another process therefore sees the whole old block, or the new
-  one, or an empty slot (a clean miss); never a block being rewritten under it.
+  one, or an empty slot (a clean miss); never a block being rewritten under it. The OFD lock
+  belongs to the segment's one descriptor, which the instance's threads share, so the threads
+  are counted here (:class:`_SlotLocks`): the OFD lock is taken when a slot's first holder
+  arrives and released when its last one leaves, and a thread that wants a slot exclusively
+  waits until no other thread of this instance holds it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import enum
 import errno
 import fcntl
 import os
+import stat
+import threading
 from collections.abc import Callable
 
 from kv_offload.tiers.disk.files import (
@@ -27,7 +33,7 @@ from kv_offload.tiers.disk.format import (
     segment_name,
 )  # fmt: skip
 
-__all__ = ["Segment", "ReadResult", "FaultHook"]
+__all__ = ["Segment", "ReadResult", "FaultHook", "UnsafeSegmentFile"]
 
 #: A test hook called with the name of each step of a slot write (see docs/disk_tier.md);
 #: raising from it stops the write there, as a crash would.
@@ -38,6 +44,72 @@ class ReadResult(enum.Enum):
     OK = "ok"
     MISS = "miss"          # empty slot, or the slot now holds another block
     CORRUPT = "corrupt"    # the entry or the body fails its check
+    RACED = "raced"        # failed its check, then passed it under the exclusive lock: rewritten
+
+
+class UnsafeSegmentFile(OSError):
+    """A segment file that is not a regular file of ours with one link (a FIFO, a device,
+    another user's file, a hard link): never used."""
+
+
+def check_segment_file(fd: int, name: str) -> None:
+    """Refuse an opened segment file that is not a regular file owned by us with one link."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeSegmentFile(errno.EINVAL, "not a regular file", name)
+    if st.st_uid != os.geteuid():
+        raise UnsafeSegmentFile(errno.EPERM, f"owned by uid {st.st_uid}, not by this user", name)
+    if st.st_nlink != 1:
+        raise UnsafeSegmentFile(errno.EMLINK, f"has {st.st_nlink} links, not 1", name)
+
+
+class _SlotLocks:
+    """The OFD slot locks of one descriptor, shared by the instance's threads.
+
+    OFD locks do not count holders: two threads of one instance holding a slot shared hold one
+    lock, and the first unlock would drop it for both. Here the first holder takes the OFD lock
+    and the last one releases it; exclusive holders are alone within the instance too.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._held: dict[int, list[int]] = {}  # slot -> [holders (-1: exclusive), ready]
+
+    def acquire(self, fd: int, at: int, slot: int, exclusive: bool) -> None:
+        with self._cv:
+            while True:
+                st = self._held.get(slot)
+                if st is None:
+                    self._held[slot] = [-1 if exclusive else 1, 0]
+                    break
+                if not exclusive and st[0] > 0 and st[1]:
+                    st[0] += 1
+                    return
+                self._cv.wait()
+        try:
+            lock_range(fd, at, ENTRY_BYTES, exclusive=exclusive)
+        except BaseException:
+            with self._cv:
+                del self._held[slot]
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            self._held[slot][1] = 1
+            self._cv.notify_all()
+
+    def release(self, fd: int, at: int, slot: int) -> None:
+        with self._cv:
+            st = self._held[slot]
+            if st[0] > 1:
+                st[0] -= 1
+                return
+            st[1] = 0  # being released: newcomers wait for it to go
+        try:
+            unlock_range(fd, at, ENTRY_BYTES)
+        finally:
+            with self._cv:
+                del self._held[slot]
+                self._cv.notify_all()
 
 
 class Segment:
@@ -51,43 +123,97 @@ class Segment:
         self.header = header
         self.owned = False
         self.direct = False
+        self._locks = _SlotLocks()
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
     def open(cls, dir_fd: int, stem: str, *, direct: bool, create: bool) -> Segment:
         """Open (or, with ``create``, create) both files owner-only, never through a symlink.
-        On a read-only file system an existing segment is opened read-only (reads still work)."""
-        flags = os.O_RDWR | NOFOLLOW | (os.O_CREAT if create else 0)
+        On a read-only file system an existing segment is opened read-only (reads still work).
+        A ``.dat`` is only created together with a new ``.idx``; an existing ``.idx`` without
+        its ``.dat`` opens with ``dat_fd == -1`` (see :meth:`ensure_dat`). Either file not a
+        regular file of ours with one link: :class:`UnsafeSegmentFile`, nothing left open."""
+        flags = os.O_RDWR | NOFOLLOW | os.O_NONBLOCK  # O_NONBLOCK: a FIFO must not hang us
+        made = False
         try:
-            idx = os.open(stem + ".idx", flags, 0o600, dir_fd=dir_fd)
+            if create:
+                try:
+                    idx = os.open(stem + ".idx", flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+                    made = True
+                except FileExistsError:
+                    idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
+            else:
+                idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
         except OSError as e:
             if create or e.errno not in (errno.EROFS, errno.EACCES):
                 raise
-            flags = os.O_RDONLY | NOFOLLOW
+            flags = os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK
             idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
+        dat = -1
         try:
-            dat = os.open(stem + ".dat", flags | direct_flag(direct), 0o600, dir_fd=dir_fd)
+            check_segment_file(idx, stem + ".idx")
+            try:
+                dat = os.open(stem + ".dat", flags | direct_flag(direct) | (os.O_CREAT if made else 0), 0o600, dir_fd=dir_fd)
+            except FileNotFoundError:
+                dat = -1
+            if dat >= 0:
+                check_segment_file(dat, stem + ".dat")
+            seg = cls(dir_fd, stem, idx, dat, None)
+            seg.direct = direct
+            seg.header = seg.read_header()
         except BaseException:
-            os.close(idx)
+            for fd in (idx, dat):
+                if fd >= 0:
+                    os.close(fd)
             raise
-        seg = cls(dir_fd, stem, idx, dat, None)
-        seg.direct = direct
-        seg.header = seg.read_header()
         return seg
+
+    def ensure_dat(self) -> bool:
+        """(Owner only.) Create the ``.dat`` an ``.idx`` lacks (its creator died in between, or
+        a purge was cut short). ``True`` when it had to: the entries are then meaningless."""
+        if self.dat_fd >= 0:
+            return False
+        flags = os.O_RDWR | NOFOLLOW | os.O_NONBLOCK | os.O_CREAT | direct_flag(self.direct)
+        fd = os.open(self.stem + ".dat", flags, 0o600, dir_fd=self.dir_fd)
+        try:
+            check_segment_file(fd, self.stem + ".dat")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.dat_fd = fd
+        return True
+
+    def still_linked(self) -> bool:
+        """Whether our ``.idx`` is still the file of that name (not unlinked by a purge, not
+        replaced): checked after taking the ownership lock, before trusting it."""
+        try:
+            mine = os.fstat(self.idx_fd)
+            there = os.stat(self.stem + ".idx", dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return mine.st_nlink > 0 and (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
     def read_header(self) -> SegmentHeader | None:
         return SegmentHeader.unpack(os.pread(self.idx_fd, SEGMENT_HEADER_BYTES, 0))
 
     def try_claim(self) -> bool:
-        """Become the owner if no live instance is (non-blocking)."""
+        """Take the ownership lock if no live instance holds it (non-blocking). The caller
+        checks :meth:`still_linked` next, and sets ``owned`` once it has adopted the segment."""
         try:
             fcntl.flock(self.idx_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return False
             raise
-        self.owned = True
+        return True
+
+    def unowned(self) -> bool:
+        """Whether no live instance owns the segment: takes and drops the ownership lock. Only
+        for a caller that does not own it, serialized with its own claims."""
+        if not self.try_claim():
+            return False
+        fcntl.flock(self.idx_fd, fcntl.LOCK_UN)
         return True
 
     def initialize(self, namespace: bytes, block_bytes: int, slots: int) -> None:
@@ -118,14 +244,16 @@ class Segment:
     def _entry_at(self, slot: int) -> int:
         return SEGMENT_HEADER_BYTES + slot * ENTRY_BYTES
 
-    def entries(self) -> list[Entry | None]:
-        """Every slot's entry (``None``: empty or invalid), from one sequential read."""
-        if self.header is None:
+    def entries(self, header: SegmentHeader | None = None) -> list[Entry | None]:
+        """Every slot's entry (``None``: empty or invalid), from one sequential read, for the
+        segment's header or the one given (read just before, outside the tier's lock)."""
+        header = header or self.header
+        if header is None:
             return []
-        raw = os.pread(self.idx_fd, self.slots * ENTRY_BYTES, SEGMENT_HEADER_BYTES)
+        raw = os.pread(self.idx_fd, header.slots * ENTRY_BYTES, SEGMENT_HEADER_BYTES)
         view = memoryview(raw)
         out: list[Entry | None] = []
-        for i in range(self.slots):
+        for i in range(min(header.slots, len(raw) // ENTRY_BYTES)):
             chunk = view[i * ENTRY_BYTES : (i + 1) * ENTRY_BYTES]
             out.append(Entry.unpack(chunk) if looks_written(chunk) else None)
         return out
@@ -143,7 +271,7 @@ class Segment:
             bounce.view[:] = body
             src = bounce.view
         at = self._entry_at(slot)
-        lock_range(self.idx_fd, at, ENTRY_BYTES, exclusive=True)
+        self._locks.acquire(self.idx_fd, at, slot, True)
         try:
             if fault:
                 fault("begin")
@@ -164,12 +292,12 @@ class Segment:
             if fault:
                 fault("committed")
         finally:
-            unlock_range(self.idx_fd, at, ENTRY_BYTES)
+            self._locks.release(self.idx_fd, at, slot)
 
     def read(self, slot: int, key: bytes, namespace: bytes, dest: memoryview, bounce: AlignedBuffer) -> ReadResult:
         """Copy the block in ``slot`` into ``dest`` if it is ``key``'s and checks out."""
         at = self._entry_at(slot)
-        lock_range(self.idx_fd, at, ENTRY_BYTES, exclusive=False)
+        self._locks.acquire(self.idx_fd, at, slot, False)
         try:
             raw = os.pread(self.idx_fd, ENTRY_BYTES, at)
             entry = Entry.unpack(raw)
@@ -187,12 +315,34 @@ class Segment:
                 dest[:] = into
             return ReadResult.OK
         finally:
-            unlock_range(self.idx_fd, at, ENTRY_BYTES)
+            self._locks.release(self.idx_fd, at, slot)
+
+    def clear_if_bad(self, slot: int, key: bytes, namespace: bytes, bounce: AlignedBuffer) -> bool:
+        """After a read of ``key`` failed its check: under the exclusive slot lock, look again,
+        and empty the slot only if its entry is invalid, or still names ``key`` and its body
+        still fails. ``False``: the slot was rewritten meanwhile (or emptied), left alone."""
+        at = self._entry_at(slot)
+        self._locks.acquire(self.idx_fd, at, slot, True)
+        try:
+            raw = os.pread(self.idx_fd, ENTRY_BYTES, at)
+            if not looks_written(raw):
+                return False
+            entry = Entry.unpack(raw)
+            if entry is not None:
+                if entry.namespace != namespace or entry.key != key or entry.length != len(bounce.view):
+                    return False
+                n = os.preadv(self.dat_fd, [bounce.view], slot * entry.length)
+                if n == entry.length and checksum(bounce.view) == entry.body_hash:
+                    return False
+            _pwrite_all(self.idx_fd, EMPTY_ENTRY, at)
+            return True
+        finally:
+            self._locks.release(self.idx_fd, at, slot)
 
     def clear(self, slot: int, key: bytes | None) -> bool:
         """Empty ``slot`` if it still holds ``key`` (any valid or invalid entry when ``None``)."""
         at = self._entry_at(slot)
-        lock_range(self.idx_fd, at, ENTRY_BYTES, exclusive=True)
+        self._locks.acquire(self.idx_fd, at, slot, True)
         try:
             raw = os.pread(self.idx_fd, ENTRY_BYTES, at)
             if not looks_written(raw):
@@ -204,10 +354,14 @@ class Segment:
             _pwrite_all(self.idx_fd, EMPTY_ENTRY, at)
             return True
         finally:
-            unlock_range(self.idx_fd, at, ENTRY_BYTES)
+            self._locks.release(self.idx_fd, at, slot)
 
     def close(self) -> None:
+        """Close both descriptors (each, even if closing the other fails). Never unlocks: in a
+        forked child that would drop the parent's locks; closing the last descriptor does."""
         for fd in (self.idx_fd, self.dat_fd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:

@@ -11,6 +11,12 @@ claimed by others (so each process can write): disk use stays within ``capacity_
 one segment per concurrent process, however many processes come and go. A process allocates
 slots only in segments it owns (claimed lazily, as it fills them) and evicts only its own
 blocks, through the eviction policy; blocks in segments owned by others are read, not evicted.
+
+Threads and processes. Every public method may be called from several threads. Disk I/O runs
+outside the instance's lock (a refresh scans into a new structure and swaps it in), so
+``contains`` never waits for the disk. An instance belongs to the process that built it: a
+forked child inherits its descriptors and locks but not its ownership, so every method of an
+inherited instance raises ``RuntimeError`` there (the child opens its own).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,10 +35,10 @@ from typing import NamedTuple, TypeVar
 from kv_offload.policies import POLICIES, EvictionPolicy
 from kv_offload.tiers.base import BlockTier, TierStats
 from kv_offload.tiers.disk.files import (
-    AlignedBuffer, DiskTierError, check_stat, make_private_dir, open_private_subdir, probe_direct,
+    BufferPool, DiskTierError, check_stat, make_private_dir, open_private_subdir, probe_direct,
 )  # fmt: skip
-from kv_offload.tiers.disk.format import MAX_KEY_BYTES, parse_segment_name
-from kv_offload.tiers.disk.segment import FaultHook, ReadResult, Segment
+from kv_offload.tiers.disk.format import MAX_KEY_BYTES, Entry, SegmentHeader, parse_segment_name
+from kv_offload.tiers.disk.segment import FaultHook, ReadResult, Segment, UnsafeSegmentFile
 
 __all__ = ["DiskTier", "DiskTierStats", "DiskTierError"]
 
@@ -62,13 +69,25 @@ class _Loc(NamedTuple):
     slot: int
 
 
+#: Live instances, marked dead in a forked child (see the module docstring).
+_LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for t in list(_LIVE):
+        t._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class DiskTier(BlockTier):
     """A :class:`BlockTier` on local disk (see the module docstring).
 
     ``path``: the directory (created 0700 if missing; refused if another user owns it or it is
-    world-writable). ``threads``: I/O threads for batches. ``policy``: an eviction policy name
-    from ``kv_offload.policies.POLICIES`` or an instance. ``segment_bytes``: target segment
-    size (default 256 MiB, or capacity/64 when larger). ``fault_hook``: a test hook, see
+    group- or world-writable). ``threads``: I/O threads for batches. ``policy``: an eviction
+    policy name from ``kv_offload.policies.POLICIES`` or an instance. ``segment_bytes``: target
+    segment size (default 256 MiB, or capacity/64 when larger). ``fault_hook``: a test hook, see
     :data:`~kv_offload.tiers.disk.segment.FaultHook`.
     """
 
@@ -90,17 +109,23 @@ class DiskTier(BlockTier):
         self.slots_per_segment = max(1, self.capacity_blocks // self.max_segments)
         self.fault_hook = fault_hook
         self._policy = POLICIES.resolve(policy)(self.capacity_blocks) if isinstance(policy, str) else policy
+        self._pid = os.getpid()
+        self._forked = False
         self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)  # in-flight calls and keys being written
+        self._claim_lock = threading.Lock()  # one segment claim at a time (its I/O outside _lock)
+        self._refresh_lock = threading.Lock()
+        self._inflight = 0
         self._stats = DiskTierStats()
         self._index: dict[bytes, _Loc] = {}
         self._segments: dict[str, Segment] = {}
+        self._retired: list[Segment] = []  # unlinked/replaced under us: closed by close() only
         self._free: list[_Loc] = []
         self._pins: dict[tuple[str, int], int] = {}
         self._writing: set[bytes] = set()
-        self._unusable: set[str] = set()  # segment names that are symlinks
+        self._unusable: set[str] = set()  # segment names that are symlinks or not safe files
         self._warned = {"write": False, "read": False}
-        self._local = threading.local()
-        self._buffers: list[AlignedBuffer] = []
+        self._bufs = BufferPool(block_bytes, keep=threads + 2)
         self._closed = False
 
         make_private_dir(self.path, follow=True)
@@ -115,72 +140,137 @@ class DiskTier(BlockTier):
         self.direct = probe_direct(self._ns_fd)
         self._stats.io_mode = "direct" if self.direct else "buffered"
         t0 = time.perf_counter()
-        self._scan()
+        self._refresh()
         self._stats.index_seconds = time.perf_counter() - t0
         self._stats.index_blocks = len(self._index)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvo-disk") if threads > 1 else None
         self._threads = threads
+        _LIVE.add(self)
         log.info(
             "disk tier %s: %s I/O, %d blocks indexed in %.3f s, %d segments of %d slots at most",
             self.path, self._stats.io_mode, len(self._index), self._stats.index_seconds,
             self.max_segments, self.slots_per_segment,
         )  # fmt: skip
 
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _check_process(self) -> None:
+        if self._forked or os.getpid() != self._pid:
+            raise RuntimeError(
+                f"this DiskTier was opened in process {self._pid}; it cannot be used in the forked "
+                f"child {os.getpid()} (segment ownership and slot locks are shared through fork): "
+                "open a new DiskTier in the child"
+            )
+
+    def _enter(self) -> bool:
+        """Start a call that does I/O: ``False`` once closed, else counted until :meth:`_leave`."""
+        self._check_process()
+        with self._lock:
+            if self._closed:
+                return False
+            self._inflight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if not self._inflight:
+                self._cv.notify_all()
+
     # -- index -------------------------------------------------------------------------------
 
-    def _scan(self) -> None:
-        """Open the segments on disk not open yet and index the foreign ones' blocks (headers only)."""
-        found: list[tuple[int, bytes, _Loc]] = []
+    def _ours(self, h: SegmentHeader | None) -> bool:
+        return h is not None and h.namespace == self.namespace and h.block_bytes == self.block_bytes
+
+    def _skip_file(self, stem: str, err: OSError) -> None:
+        with self._lock:
+            first = stem not in self._unusable
+            self._unusable.add(stem)
+        if first:
+            log.warning("disk tier %s: segment %s is unusable (%s); skipping that name", self.path, stem, err)
+
+    def _refresh(self) -> None:
+        """(Under the refresh lock.) Open the segments not open yet and re-read the entries of
+        those no instance of ours owns, outside ``_lock``; then swap the result in under it."""
+        with self._lock:
+            known = dict(self._segments)
+            skip = set(self._unusable)
+        new: dict[str, Segment] = {}
         for name in os.listdir(self._ns_fd):
-            stem, dot, ext = name.rpartition(".")
+            stem, _, ext = name.rpartition(".")
             parsed = parse_segment_name(stem) if ext == "idx" else None
-            if parsed is None or parsed[0] != self.block_bytes or stem in self._segments:
+            if parsed is None or parsed[0] != self.block_bytes or stem in known or stem in skip:
                 continue
             try:
-                self._segments[stem] = Segment.open(self._ns_fd, stem, direct=self.direct, create=False)
+                new[stem] = Segment.open(self._ns_fd, stem, direct=self.direct, create=False)
+            except UnsafeSegmentFile as e:
+                self._skip_file(stem, e)
             except OSError as e:
                 log.debug("disk tier: skipping segment %s: %s", stem, e)
-        for seg in self._segments.values():
+        found: list[tuple[int, bytes, _Loc]] = []
+        headers: dict[str, SegmentHeader | None] = {}
+        stale: list[Segment] = []
+        for seg in (*known.values(), *new.values()):
             if seg.owned:
                 continue
-            seg.header = seg.read_header()
-            if not self._ours(seg):
+            if seg.stem in known and not seg.still_linked():
+                stale.append(seg)  # purged or replaced: the name is opened afresh next time
                 continue
-            for slot, entry in enumerate(seg.entries()):
+            header = headers[seg.stem] = seg.read_header()
+            if seg.dat_fd < 0 or not self._ours(header):
+                continue
+            for slot, entry in enumerate(seg.entries(header)):
                 if entry is not None and entry.namespace == self.namespace and entry.length == self.block_bytes:
                     found.append((entry.written_ns, entry.key, _Loc(seg, slot)))
         found.sort(key=lambda f: f[0])
-        for _, key, loc in found:
-            old = self._index.get(key)
-            if old is None or not old.seg.owned:
-                if old is None:
-                    self._policy.insert(key)
-                self._index[key] = loc
-
-    def _ours(self, seg: Segment) -> bool:
-        h = seg.header
-        return h is not None and h.namespace == self.namespace and h.block_bytes == self.block_bytes
-
-    def refresh(self) -> None:
-        """Re-read the entries of segments owned by other processes: index the blocks they
-        stored since, forget the ones they dropped. Reads entry files only, never bodies."""
         with self._lock:
-            if self._closed:
-                return
+            for stem, seg in new.items():
+                if self._closed or stem in self._segments:  # a claim opened it meanwhile
+                    seg.close()
+                else:
+                    self._segments[stem] = seg
+            for seg in stale:
+                if self._segments.get(seg.stem) is seg and not seg.owned:
+                    del self._segments[seg.stem]
+                    self._retired.append(seg)
+            for seg in self._segments.values():
+                if not seg.owned and seg.stem in headers:
+                    seg.header = headers[seg.stem]
             for key, loc in list(self._index.items()):
                 if not loc.seg.owned:
                     del self._index[key]
                     self._policy.remove(key)
-            try:
-                self._scan()
-            except OSError as e:
+            for _, key, loc in found:
+                if loc.seg.owned or self._segments.get(loc.seg.stem) is not loc.seg:
+                    continue
+                old = self._index.get(key)
+                if old is None or not old.seg.owned:
+                    if old is None:
+                        self._policy.insert(key)
+                    self._index[key] = loc
+
+    def refresh(self) -> None:
+        """Re-read the entries of segments owned by other processes: index the blocks they
+        stored since, forget the ones they dropped. Reads entry files only, never bodies, and
+        never while holding the lock ``contains`` takes."""
+        if not self._enter():
+            return
+        try:
+            with self._refresh_lock:
+                self._refresh()
+        except OSError as e:
+            with self._lock:
                 self._warn_once("read", e)
+        finally:
+            self._leave()
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        self._check_process()
         with self._lock:
             return [k in self._index for k in keys]
 
     def stats(self) -> DiskTierStats:
+        self._check_process()
         with self._lock:
             self._stats.blocks = len(self._index)
             self._stats.bytes = len(self._index) * self.block_bytes
@@ -194,104 +284,128 @@ class DiskTier(BlockTier):
         return self._pins.get((loc.seg.stem, loc.slot), 0) > 0
 
     def _claim_segment(self) -> bool:
-        """(Under the lock.) Own one more segment: adopt one no live process owns, else create
-        one while the directory holds fewer than ``max_segments`` (or we own none)."""
-        for seg in sorted(self._segments.values(), key=lambda s: s.stem):
-            if seg.owned and seg.header is None:  # laying it out failed before (ENOSPC): retry
-                self._adopt(seg)
-                return True
-            if not seg.owned and seg.try_claim():
-                self._adopt(seg)
-                return True
-        owned = sum(s.owned for s in self._segments.values())
-        numbers = {parse_segment_name(s)[1] for s in (*self._segments, *self._unusable) if parse_segment_name(s)}  # type: ignore[index]
-        while len(numbers) < self.max_segments or owned == 0:
-            n = next(i for i in range(len(numbers) + 1) if i not in numbers)
-            numbers.add(n)
-            stem = Segment.stem_for(self.block_bytes, n)
-            if stem in self._unusable:
-                continue
-            try:
-                seg = Segment.open(self._ns_fd, stem, direct=self.direct, create=True)
-            except OSError as e:
-                if e.errno != errno.ELOOP:
-                    raise
-                log.warning("disk tier %s: segment %s is a symlink; not following it, skipping the name", self.path, stem)
-                self._unusable.add(stem)
-                continue
-            self._segments[stem] = seg
-            if seg.try_claim():
-                self._adopt(seg)
-                return True
+        """(Not under ``_lock``.) Own one more segment: adopt one no live process owns, else
+        create one while the directory holds fewer than ``max_segments`` (or we own none)."""
+        with self._claim_lock:
+            with self._lock:
+                segs = sorted(self._segments.values(), key=lambda s: s.stem)
+                taken = [*self._segments, *self._unusable]
+            for seg in segs:
+                if not seg.owned and seg.try_claim() and self._verified(seg):
+                    self._adopt(seg)
+                    return True
+            with self._lock:
+                owned = sum(s.owned for s in self._segments.values())
+            numbers = {p[1] for p in map(parse_segment_name, taken) if p}
+            while len(numbers) < self.max_segments or owned == 0:
+                n = next(i for i in range(len(numbers) + 1) if i not in numbers)
+                numbers.add(n)
+                stem = Segment.stem_for(self.block_bytes, n)
+                try:
+                    seg = Segment.open(self._ns_fd, stem, direct=self.direct, create=True)
+                except UnsafeSegmentFile as e:
+                    self._skip_file(stem, e)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.ELOOP:
+                        raise
+                    self._skip_file(stem, OSError(e.errno, "a symlink; not following it"))
+                    continue
+                with self._lock:
+                    known = self._segments.setdefault(stem, seg)
+                if known is not seg:  # a refresh opened it meanwhile
+                    seg.close()
+                    seg = known
+                if not seg.owned and seg.try_claim() and self._verified(seg):
+                    self._adopt(seg)
+                    return True
+            return False
+
+    def _verified(self, seg: Segment) -> bool:
+        """(Holding ``seg``'s ownership lock.) Whether its ``.idx`` is still the file of that
+        name: a purge may have unlinked it (or it was replaced) after we opened it. If not,
+        the stale segment is retired (closed with the tier) and its blocks forgotten."""
+        if seg.still_linked():
+            return True
+        log.info("disk tier %s: segment %s was removed or replaced under us; reopening the name", self.path, seg.stem)
+        with self._lock:
+            if self._segments.get(seg.stem) is seg:
+                del self._segments[seg.stem]
+                self._retired.append(seg)
+            for key, loc in list(self._index.items()):
+                if loc.seg is seg:
+                    del self._index[key]
+                    self._policy.remove(key)
         return False
 
     def _adopt(self, seg: Segment) -> None:
-        """(Under the lock, owning ``seg``.) Lay it out if it has no valid header (new, or its
-        creator died first); index its blocks as ours and free its empty slots."""
-        seg.header = seg.read_header()
-        if not self._ours(seg) or seg.slots <= 0:
+        """(Owning ``seg``, under the claim lock, not under ``_lock``.) Lay it out if it has no
+        valid header (new, or its creator died first) or no ``.dat``; then, under the lock,
+        index its blocks as ours and free its empty slots. Duplicates are cleared first."""
+        header = seg.read_header()
+        if seg.ensure_dat() or not self._ours(header) or header is None or header.slots <= 0:
             seg.initialize(self.namespace, self.block_bytes, self.slots_per_segment)
-        for key, loc in list(self._index.items()):
-            if loc.seg is seg:
-                del self._index[key]
-                self._policy.remove(key)
-        empty: list[_Loc] = []
-        for slot, entry in enumerate(seg.entries()):
-            loc = _Loc(seg, slot)
-            if entry is None or entry.namespace != self.namespace or entry.length != self.block_bytes:
-                empty.append(loc)
-            elif entry.key in self._index or entry.key in self._writing:
-                seg.clear(slot, entry.key)  # a duplicate: keep the copy already indexed
-                empty.append(loc)
-            else:
-                self._index[entry.key] = loc
-                self._policy.insert(entry.key)
-        self._free.extend(reversed(empty))  # taken from the end: ascending slots, sequential writes
+        entries = seg.entries()
+        with self._lock:
+            held = {k for k, loc in self._index.items() if loc.seg is not seg} | self._writing
+        dups = [s for s, e in enumerate(entries) if e is not None and e.key in held]
+        for slot in dups:  # a duplicate: keep the copy already indexed
+            seg.clear(slot, entries[slot].key)  # type: ignore[union-attr]
+            entries[slot] = None
+        with self._lock:
+            for key, loc in list(self._index.items()):
+                if loc.seg is seg:
+                    del self._index[key]
+                    self._policy.remove(key)
+            empty: list[_Loc] = []
+            for slot, entry in enumerate(entries):
+                loc = _Loc(seg, slot)
+                if entry is None or entry.namespace != self.namespace or entry.length != self.block_bytes:
+                    empty.append(loc)
+                elif entry.key in self._index or entry.key in self._writing:
+                    empty.append(loc)  # became a duplicate since: unindexed, rewritten when taken
+                else:
+                    self._index[entry.key] = loc
+                    self._policy.insert(entry.key)
+            seg.owned = True
+            self._free.extend(reversed(empty))  # taken from the end: ascending slots, sequential writes
 
     def _evictable(self, key: bytes) -> bool:
         loc = self._index.get(key)
         return loc is not None and loc.seg.owned and not self._pinned(loc)
 
     def _take_slots(self, n: int) -> tuple[list[_Loc], OSError | None]:
-        """(Under the lock.) Up to ``n`` slots to write: free ones, a claimed segment's, or
+        """(Not under ``_lock``.) Up to ``n`` slots to write: free ones, a claimed segment's, or
         evicted ones (the policy picks; only our own, unpinned blocks); and the error that
         stopped a segment from being claimed, if one did."""
         got: list[_Loc] = []
         err: OSError | None = None
-        skipped: list[_Loc] = []
-        while len(got) < n:
-            while self._free and len(got) < n:
-                loc = self._free.pop()
-                (skipped if self._pinned(loc) else got).append(loc)
-            if len(got) == n:
-                break
+        claim = True
+        while True:
+            with self._lock:
+                skipped: list[_Loc] = []
+                while self._free and len(got) < n:
+                    loc = self._free.pop()
+                    (skipped if self._pinned(loc) else got).append(loc)
+                self._free.extend(skipped)
+                if len(got) == n:
+                    return got, err
+                if not claim:
+                    need = n - len(got)
+                    victims = self._policy.evict(need, self._evictable)
+                    if victims is None:
+                        can = sum(1 for k in list(self._policy.keys()) if self._evictable(k))
+                        victims = self._policy.evict(can, self._evictable) if can else []
+                    for key in victims or []:
+                        got.append(self._index.pop(key))
+                        self._stats.evictions += 1
+                    return got, err
             try:
-                if self._claim_segment():
-                    continue
+                claim = self._claim_segment()
             except OSError as e:
-                err = e
-            need = n - len(got)
-            victims = self._policy.evict(need, self._evictable)
-            if victims is None:
-                can = sum(1 for k in list(self._policy.keys()) if self._evictable(k))
-                victims = self._policy.evict(can, self._evictable) if can else []
-            for key in victims or []:
-                got.append(self._index.pop(key))
-                self._stats.evictions += 1
-            break
-        self._free.extend(skipped)
-        return got, err
+                err, claim = e, False
 
     # -- I/O ---------------------------------------------------------------------------------
-
-    def _bounce(self) -> AlignedBuffer:
-        buf: AlignedBuffer | None = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = AlignedBuffer(self.block_bytes)
-            self._local.buf = buf
-            with self._lock:
-                self._buffers.append(buf)
-        return buf
 
     def _map(self, fn: Callable[[_T], _R], items: list[_T]) -> list[_R]:
         """``fn`` over ``items``: inline for one, else in chunks on the I/O threads."""
@@ -332,55 +446,67 @@ class DiskTier(BlockTier):
             if len(view) != self.block_bytes:
                 raise ValueError(f"write item {i}: block is {len(view)} bytes, this tier's blocks are {self.block_bytes}")
             views.append(view)
-        result = [False] * len(items)
-        todo: list[int] = []
+        if not self._enter():
+            raise RuntimeError("disk tier is closed")
+        try:
+            return self._write([k for k, _ in items], views)
+        finally:
+            self._leave()
+
+    def _write(self, keys: list[bytes], views: list[memoryview]) -> list[bool]:
+        result = [False] * len(keys)
         gone = self._vanished()
+        waits: list[int] = []  # keys another call of ours is writing: its outcome is ours
+        fresh: list[int] = []
         with self._lock:
-            if self._closed:
-                raise RuntimeError("disk tier is closed")
             if gone is not None:
-                self._stats.write_failures += len(items)
+                self._stats.write_failures += len(keys)
                 self._warn_once("write", gone)
                 return result
-            fresh: list[int] = []
-            for i, (key, _) in enumerate(items):
+            for i, key in enumerate(keys):
                 if key in self._index:
                     self._policy.touch(key)
                     result[i] = True
                 elif key in self._writing:
-                    result[i] = True  # another thread of ours is storing it right now
+                    waits.append(i)
                 else:
                     self._writing.add(key)
                     fresh.append(i)
-            slots, err = self._take_slots(len(fresh))
-            for i in fresh[len(slots):]:
-                self._writing.discard(items[i][0])
+        try:
+            slots, err = self._take_slots(len(fresh)) if fresh else ([], None)
+        except BaseException:
+            self._done_writing([keys[i] for i in fresh])
+            raise
+        with self._lock:
+            for i in fresh[len(slots) :]:
+                self._writing.discard(keys[i])
                 if err is None:
                     self._stats.refused += 1
                 else:
                     self._stats.write_failures += 1
                     self._warn_once("write", err)
-            todo = fresh[: len(slots)]
-        jobs = list(zip(todo, slots))
+            self._cv.notify_all()
+        jobs = list(zip(fresh, slots))
 
         def one(job: tuple[int, _Loc]) -> OSError | None:
             i, loc = job
+            buf = self._bufs.take()
             try:
-                loc.seg.write(loc.slot, items[i][0], self.namespace, views[i], self._bounce(), self.fault_hook)
+                loc.seg.write(loc.slot, keys[i], self.namespace, views[i], buf, self.fault_hook)
             except OSError as e:
                 return e
+            finally:
+                self._bufs.give(buf)
             return None
 
         try:
             errors = self._map(one, jobs)
-        except BaseException:
-            with self._lock:  # a fault hook stopped us: the slots' state is unknown, drop them
-                for i, _ in jobs:
-                    self._writing.discard(items[i][0])
+        except BaseException:  # a fault hook stopped us: the slots' state is unknown, drop them
+            self._done_writing([keys[i] for i, _ in jobs])
             raise
         with self._lock:
             for (i, loc), err in zip(jobs, errors):
-                key = items[i][0]
+                key = keys[i]
                 self._writing.discard(key)
                 if err is None:
                     self._index[key] = loc
@@ -392,7 +518,17 @@ class DiskTier(BlockTier):
                     self._free.append(loc)
                     self._stats.write_failures += 1
                     self._warn_once("write", err)
+            self._cv.notify_all()
+            for i in waits:
+                while keys[i] in self._writing:
+                    self._cv.wait()
+                result[i] = keys[i] in self._index
         return result
+
+    def _done_writing(self, keys: list[bytes]) -> None:
+        with self._lock:
+            self._writing.difference_update(keys)
+            self._cv.notify_all()
 
     def read(self, keys: Sequence[bytes], into: Sequence[memoryview]) -> list[bool]:
         if len(keys) != len(into):
@@ -403,12 +539,18 @@ class DiskTier(BlockTier):
             if view.readonly or len(view) != self.block_bytes:
                 raise ValueError(f"read destination {i} must be a writable buffer of {self.block_bytes} bytes")
             dests.append(view)
+        if not self._enter():
+            raise RuntimeError("disk tier is closed")
+        try:
+            return self._read(keys, dests)
+        finally:
+            self._leave()
+
+    def _read(self, keys: Sequence[bytes], dests: list[memoryview]) -> list[bool]:
         result = [False] * len(keys)
         gone = self._vanished()
         jobs: list[tuple[int, _Loc]] = []
         with self._lock:
-            if self._closed:
-                raise RuntimeError("disk tier is closed")
             for i, key in enumerate(keys):
                 loc = self._index.get(key)
                 if loc is None or gone is not None:
@@ -422,13 +564,19 @@ class DiskTier(BlockTier):
 
         def one(job: tuple[int, _Loc]) -> ReadResult | OSError:
             i, loc = job
+            buf = self._bufs.take()
             try:
-                res = loc.seg.read(loc.slot, keys[i], self.namespace, dests[i], self._bounce())
-                if res is ReadResult.CORRUPT:
-                    loc.seg.clear(loc.slot, keys[i])
+                res = loc.seg.read(loc.slot, keys[i], self.namespace, dests[i], buf)
+                # cleared only where no other live instance writes, and only if it still fails
+                # its check under the exclusive slot lock
+                if res is ReadResult.CORRUPT and self._may_clear(loc.seg):
+                    if not loc.seg.clear_if_bad(loc.slot, keys[i], self.namespace, buf):
+                        res = ReadResult.RACED
                 return res
             except OSError as e:
                 return e
+            finally:
+                self._bufs.give(buf)
 
         outcomes = self._map(one, jobs)
         with self._lock:
@@ -444,22 +592,43 @@ class DiskTier(BlockTier):
                     self._warned["read"] = False
                     result[i] = True
                     continue
+                self._stats.misses += 1
                 if isinstance(res, OSError):
                     self._stats.read_failures += 1
                     self._warn_once("read", res)
-                else:
-                    if res is ReadResult.CORRUPT:
-                        self._stats.corruptions += 1
-                        log.warning("disk tier %s: block %s failed its checksum; removed", self.path, key.hex())
-                    if self._index.get(key) == loc:
-                        del self._index[key]
-                        self._policy.remove(key)
-                        if loc.seg.owned:
-                            self._free.append(loc)
-                self._stats.misses += 1
+                    continue
+                if res is ReadResult.RACED:
+                    continue  # rewritten while we read: a miss, the entry stays
+                if res is ReadResult.CORRUPT:
+                    self._stats.corruptions += 1
+                    log.warning(
+                        "disk tier %s: block %s failed its checksum; removed (left on disk only when "
+                        "another live process owns its segment)", self.path, key.hex(),
+                    )  # fmt: skip
+                if self._index.get(key) == loc:
+                    del self._index[key]
+                    self._policy.remove(key)
+                    if loc.seg.owned:
+                        self._free.append(loc)
         return result
 
+    def _may_clear(self, seg: Segment) -> bool:
+        """Whether a corrupt block in ``seg`` may be cleared: ours, or no live owner (a live
+        owner's slot is left to it; we only forget the block)."""
+        if seg.owned:
+            return True
+        with self._claim_lock:  # the probe must not drop a claim of ours in progress
+            return seg.owned or seg.unowned()
+
     def remove(self, keys: Sequence[bytes]) -> list[bool]:
+        if not self._enter():
+            return [False] * len(keys)
+        try:
+            return self._remove(keys)
+        finally:
+            self._leave()
+
+    def _remove(self, keys: Sequence[bytes]) -> list[bool]:
         with self._lock:
             locs = [self._index.pop(k, None) for k in keys]
             for k, loc in zip(keys, locs):
@@ -468,7 +637,7 @@ class DiskTier(BlockTier):
         for k, loc in zip(keys, locs):
             if loc is not None:
                 try:
-                    loc.seg.clear(loc.slot, k)
+                    loc.seg.clear(loc.slot, k)  # waits for our own readers of the slot
                 except OSError as e:
                     with self._lock:
                         self._warn_once("write", e)
@@ -477,22 +646,39 @@ class DiskTier(BlockTier):
         return [loc is not None for loc in locs]
 
     def close(self) -> None:
+        """Wait for the calls in flight (on I/O threads or inline on callers' threads), then
+        close every descriptor, even if closing one fails. In a forked child: close only the
+        child's copies of the descriptors, unlocking nothing (the parent still holds them)."""
+        if self._forked or os.getpid() != self._pid:
+            if not self._closed:
+                self._closed = True
+                self._close_fds()
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            while self._inflight:
+                self._cv.wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         with self._lock:
-            for seg in self._segments.values():
-                seg.close()
-            self._segments.clear()
+            self._close_fds()
             self._index.clear()
-            for buf in self._buffers:
-                buf.close()
-            self._buffers.clear()
-            for fd in (self._ns_fd, self._root_fd):
+            self._free.clear()
+        self._bufs.close()
+        _LIVE.discard(self)
+
+    def _close_fds(self) -> None:
+        for seg in (*self._segments.values(), *self._retired):
+            seg.close()
+        self._segments.clear()
+        self._retired.clear()
+        for fd in (self._ns_fd, self._root_fd):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
 
     def abandon(self) -> None:
         """Test hook: drop every descriptor and lock as a killed process would, writing nothing."""

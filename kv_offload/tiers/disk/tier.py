@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """``DiskTier``: KV blocks in segment files on a local disk, shared safely between processes.
 
-Layout and format: :mod:`kv_offload.tiers.disk.format`; cross-process rules:
+Layout and format: :mod:`kv_offload.tiers.disk.format`; the segment set (scan, claim, adopt):
+:mod:`kv_offload.tiers.disk.segments`; cross-process rules:
 :mod:`kv_offload.tiers.disk.segment`; the measurements behind them: docs/disk_tier.md.
 
 Capacity. ``capacity_bytes`` is cut into ``max_segments`` segments of ``slots_per_segment``
@@ -30,15 +31,16 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 from kv_offload.policies import POLICIES, EvictionPolicy
 from kv_offload.tiers.base import BlockTier, TierStats
 from kv_offload.tiers.disk.files import (
     BufferPool, DiskTierError, check_stat, make_private_dir, open_private_subdir, probe_direct,
 )  # fmt: skip
-from kv_offload.tiers.disk.format import MAX_KEY_BYTES, Entry, SegmentHeader, parse_segment_name
-from kv_offload.tiers.disk.segment import FaultHook, ReadResult, Segment, UnsafeSegmentFile
+from kv_offload.tiers.disk.format import MAX_KEY_BYTES
+from kv_offload.tiers.disk.segment import FaultHook, ReadResult, Segment
+from kv_offload.tiers.disk.segments import Loc, SegmentSet
 
 __all__ = ["DiskTier", "DiskTierStats", "DiskTierError"]
 
@@ -64,11 +66,6 @@ class DiskTierStats(TierStats):
     segments_seen: int = 0
 
 
-class _Loc(NamedTuple):
-    seg: Segment
-    slot: int
-
-
 #: Live instances, marked dead in a forked child (see the module docstring).
 _LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()
 
@@ -81,7 +78,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class DiskTier(BlockTier):
+class DiskTier(SegmentSet, BlockTier):
     """A :class:`BlockTier` on local disk (see the module docstring).
 
     ``path``: the directory (created 0700 if missing; refused if another user owns it or it is
@@ -117,10 +114,10 @@ class DiskTier(BlockTier):
         self._refresh_lock = threading.Lock()
         self._inflight = 0
         self._stats = DiskTierStats()
-        self._index: dict[bytes, _Loc] = {}
+        self._index: dict[bytes, Loc] = {}
         self._segments: dict[str, Segment] = {}
         self._retired: list[Segment] = []  # unlinked/replaced under us: closed by close() only
-        self._free: list[_Loc] = []
+        self._free: list[Loc] = []
         self._pins: dict[tuple[str, int], int] = {}
         self._writing: set[bytes] = set()
         self._unusable: set[str] = set()  # segment names that are symlinks or not safe files
@@ -179,76 +176,6 @@ class DiskTier(BlockTier):
 
     # -- index -------------------------------------------------------------------------------
 
-    def _ours(self, h: SegmentHeader | None) -> bool:
-        return h is not None and h.namespace == self.namespace and h.block_bytes == self.block_bytes
-
-    def _skip_file(self, stem: str, err: OSError) -> None:
-        with self._lock:
-            first = stem not in self._unusable
-            self._unusable.add(stem)
-        if first:
-            log.warning("disk tier %s: segment %s is unusable (%s); skipping that name", self.path, stem, err)
-
-    def _refresh(self) -> None:
-        """(Under the refresh lock.) Open the segments not open yet and re-read the entries of
-        those no instance of ours owns, outside ``_lock``; then swap the result in under it."""
-        with self._lock:
-            known = dict(self._segments)
-            skip = set(self._unusable)
-        new: dict[str, Segment] = {}
-        for name in os.listdir(self._ns_fd):
-            stem, _, ext = name.rpartition(".")
-            parsed = parse_segment_name(stem) if ext == "idx" else None
-            if parsed is None or parsed[0] != self.block_bytes or stem in known or stem in skip:
-                continue
-            try:
-                new[stem] = Segment.open(self._ns_fd, stem, direct=self.direct, create=False)
-            except UnsafeSegmentFile as e:
-                self._skip_file(stem, e)
-            except OSError as e:
-                log.debug("disk tier: skipping segment %s: %s", stem, e)
-        found: list[tuple[int, bytes, _Loc]] = []
-        headers: dict[str, SegmentHeader | None] = {}
-        stale: list[Segment] = []
-        for seg in (*known.values(), *new.values()):
-            if seg.owned:
-                continue
-            if seg.stem in known and not seg.still_linked():
-                stale.append(seg)  # purged or replaced: the name is opened afresh next time
-                continue
-            header = headers[seg.stem] = seg.read_header()
-            if seg.dat_fd < 0 or not self._ours(header):
-                continue
-            for slot, entry in enumerate(seg.entries(header)):
-                if entry is not None and entry.namespace == self.namespace and entry.length == self.block_bytes:
-                    found.append((entry.written_ns, entry.key, _Loc(seg, slot)))
-        found.sort(key=lambda f: f[0])
-        with self._lock:
-            for stem, seg in new.items():
-                if self._closed or stem in self._segments:  # a claim opened it meanwhile
-                    seg.close()
-                else:
-                    self._segments[stem] = seg
-            for seg in stale:
-                if self._segments.get(seg.stem) is seg and not seg.owned:
-                    del self._segments[seg.stem]
-                    self._retired.append(seg)
-            for seg in self._segments.values():
-                if not seg.owned and seg.stem in headers:
-                    seg.header = headers[seg.stem]
-            for key, loc in list(self._index.items()):
-                if not loc.seg.owned:
-                    del self._index[key]
-                    self._policy.remove(key)
-            for _, key, loc in found:
-                if loc.seg.owned or self._segments.get(loc.seg.stem) is not loc.seg:
-                    continue
-                old = self._index.get(key)
-                if old is None or not old.seg.owned:
-                    if old is None:
-                        self._policy.insert(key)
-                    self._index[key] = loc
-
     def refresh(self) -> None:
         """Re-read the entries of segments owned by other processes: index the blocks they
         stored since, forget the ones they dropped. Reads entry files only, never bodies, and
@@ -280,110 +207,23 @@ class DiskTier(BlockTier):
 
     # -- slots ---------------------------------------------------------------------------------
 
-    def _pinned(self, loc: _Loc) -> bool:
+    def _pinned(self, loc: Loc) -> bool:
         return self._pins.get((loc.seg.stem, loc.slot), 0) > 0
-
-    def _claim_segment(self) -> bool:
-        """(Not under ``_lock``.) Own one more segment: adopt one no live process owns, else
-        create one while the directory holds fewer than ``max_segments`` (or we own none)."""
-        with self._claim_lock:
-            with self._lock:
-                segs = sorted(self._segments.values(), key=lambda s: s.stem)
-                taken = [*self._segments, *self._unusable]
-            for seg in segs:
-                if not seg.owned and seg.try_claim() and self._verified(seg):
-                    self._adopt(seg)
-                    return True
-            with self._lock:
-                owned = sum(s.owned for s in self._segments.values())
-            numbers = {p[1] for p in map(parse_segment_name, taken) if p}
-            while len(numbers) < self.max_segments or owned == 0:
-                n = next(i for i in range(len(numbers) + 1) if i not in numbers)
-                numbers.add(n)
-                stem = Segment.stem_for(self.block_bytes, n)
-                try:
-                    seg = Segment.open(self._ns_fd, stem, direct=self.direct, create=True)
-                except UnsafeSegmentFile as e:
-                    self._skip_file(stem, e)
-                    continue
-                except OSError as e:
-                    if e.errno != errno.ELOOP:
-                        raise
-                    self._skip_file(stem, OSError(e.errno, "a symlink; not following it"))
-                    continue
-                with self._lock:
-                    known = self._segments.setdefault(stem, seg)
-                if known is not seg:  # a refresh opened it meanwhile
-                    seg.close()
-                    seg = known
-                if not seg.owned and seg.try_claim() and self._verified(seg):
-                    self._adopt(seg)
-                    return True
-            return False
-
-    def _verified(self, seg: Segment) -> bool:
-        """(Holding ``seg``'s ownership lock.) Whether its ``.idx`` is still the file of that
-        name: a purge may have unlinked it (or it was replaced) after we opened it. If not,
-        the stale segment is retired (closed with the tier) and its blocks forgotten."""
-        if seg.still_linked():
-            return True
-        log.info("disk tier %s: segment %s was removed or replaced under us; reopening the name", self.path, seg.stem)
-        with self._lock:
-            if self._segments.get(seg.stem) is seg:
-                del self._segments[seg.stem]
-                self._retired.append(seg)
-            for key, loc in list(self._index.items()):
-                if loc.seg is seg:
-                    del self._index[key]
-                    self._policy.remove(key)
-        return False
-
-    def _adopt(self, seg: Segment) -> None:
-        """(Owning ``seg``, under the claim lock, not under ``_lock``.) Lay it out if it has no
-        valid header (new, or its creator died first) or no ``.dat``; then, under the lock,
-        index its blocks as ours and free its empty slots. Duplicates are cleared first."""
-        header = seg.read_header()
-        if seg.ensure_dat() or not self._ours(header) or header is None or header.slots <= 0:
-            seg.initialize(self.namespace, self.block_bytes, self.slots_per_segment)
-        entries = seg.entries()
-        with self._lock:
-            held = {k for k, loc in self._index.items() if loc.seg is not seg} | self._writing
-        dups = [s for s, e in enumerate(entries) if e is not None and e.key in held]
-        for slot in dups:  # a duplicate: keep the copy already indexed
-            seg.clear(slot, entries[slot].key)  # type: ignore[union-attr]
-            entries[slot] = None
-        with self._lock:
-            for key, loc in list(self._index.items()):
-                if loc.seg is seg:
-                    del self._index[key]
-                    self._policy.remove(key)
-            empty: list[_Loc] = []
-            for slot, entry in enumerate(entries):
-                loc = _Loc(seg, slot)
-                if entry is None or entry.namespace != self.namespace or entry.length != self.block_bytes:
-                    empty.append(loc)
-                elif entry.key in self._index or entry.key in self._writing:
-                    empty.append(loc)  # became a duplicate since: unindexed, rewritten when taken
-                else:
-                    self._index[entry.key] = loc
-                    self._policy.insert(entry.key)
-            seg.owned = True
-            self._free.extend(reversed(empty))  # taken from the end: ascending slots, sequential writes
 
     def _evictable(self, key: bytes) -> bool:
         loc = self._index.get(key)
         return loc is not None and loc.seg.owned and not self._pinned(loc)
 
-    def _take_slots(self, n: int) -> tuple[list[_Loc], OSError | None]:
+    def _take_slots(self, n: int) -> tuple[list[Loc], OSError | None]:
         """(Not under ``_lock``.) Up to ``n`` slots to write: free ones, a claimed segment's, or
         evicted ones (the policy picks; only our own, unpinned blocks); and the error that
         stopped a segment from being claimed, if one did."""
-        got: list[_Loc] = []
+        got: list[Loc] = []
         err: OSError | None = None
         claim = True
         while True:
             with self._lock:
-                skipped: list[_Loc] = []
+                skipped: list[Loc] = []
                 while self._free and len(got) < n:
                     loc = self._free.pop()
                     (skipped if self._pinned(loc) else got).append(loc)
@@ -488,7 +328,7 @@ class DiskTier(BlockTier):
             self._cv.notify_all()
         jobs = list(zip(fresh, slots))
 
-        def one(job: tuple[int, _Loc]) -> OSError | None:
+        def one(job: tuple[int, Loc]) -> OSError | None:
             i, loc = job
             buf = self._bufs.take()
             try:
@@ -549,7 +389,7 @@ class DiskTier(BlockTier):
     def _read(self, keys: Sequence[bytes], dests: list[memoryview]) -> list[bool]:
         result = [False] * len(keys)
         gone = self._vanished()
-        jobs: list[tuple[int, _Loc]] = []
+        jobs: list[tuple[int, Loc]] = []
         with self._lock:
             for i, key in enumerate(keys):
                 loc = self._index.get(key)
@@ -562,7 +402,7 @@ class DiskTier(BlockTier):
             if gone is not None and keys:
                 self._warn_once("read", gone)
 
-        def one(job: tuple[int, _Loc]) -> ReadResult | OSError:
+        def one(job: tuple[int, Loc]) -> ReadResult | OSError:
             i, loc = job
             buf = self._bufs.take()
             try:

@@ -455,5 +455,8 @@ def test_a_corrupt_disk_block_is_a_miss_and_the_request_recomputes(tmp_path: "os
         assert torch.equal(t[others], b0[others])
         assert not torch.isnan(t[[3, 4]]).any()
     assert half.manager.num_used == 0  # the failed promotion freed its reserved slots
+    # The disk still lists the blocks, but this scheduler never offers them again: the request
+    # that recomputes must not retry the same failing promotion (nor must anyone else).
+    assert half.match(FakeRequest("b2", list(range(2 * BS)) + [1]), 0) == (0, False)
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]

@@ -93,6 +93,13 @@ class TierIO:
             try:
                 if op is TierOp.READ:
                     ok = self.tier.read(keys, views)
+                    if not all(ok):
+                        # Blocks another process stored since this tier last looked: the
+                        # scheduler's index saw them first. Look again, once, for those.
+                        self.tier.refresh()
+                        again = [i for i, good in enumerate(ok) if not good]
+                        for i, good in zip(again, self.tier.read([keys[i] for i in again], [views[i] for i in again])):
+                            ok[i] = good
                 else:
                     ok = self.tier.write(list(zip(keys, views)))
                 success = all(ok)

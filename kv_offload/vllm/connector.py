@@ -267,7 +267,11 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.scheduler_half is None:
-            return None  # the scheduler half reports for every worker
+            # The scheduler half reports the jobs of every worker; a worker adds only what
+            # its own disk tier saw (evictions, checksum failures, its size), rank 0 alone.
+            worker = self.worker_half
+            data = worker.take_tier_stats() if worker is not None and worker.rank == 0 else None
+            return KVOffloadStats(data=data) if data else None
         counters = self.scheduler_half.take_counters()
         if not counters.any():
             return None

@@ -136,6 +136,9 @@ class OffloadCounters:
     #: blocks written through to the disk tier; write-backs that failed (blocks skipped)
     written_back_blocks: int = 0
     failed_writebacks: int = 0
+    #: bytes read from the disk tier into the pool, and written to it
+    disk_read_bytes: int = 0
+    disk_written_bytes: int = 0
     flushes: int = 0
     #: per finished job: (direction, bytes, seconds), for throughput histograms
     transfers: list[tuple[str, int, float]] = field(default_factory=list)
@@ -432,6 +435,7 @@ class SchedulerHalf:
             if job.success and job.keys:
                 counters.loaded_blocks += len(job.keys)
                 counters.promoted_blocks += len(job.keys)
+                counters.disk_read_bytes += len(job.keys) * self.manager.block_bytes
             else:
                 counters.failed_loads += 1
                 counters.failed_promotes += 1
@@ -443,6 +447,7 @@ class SchedulerHalf:
             self.manager.unpin(job.keys)
             if job.success:
                 counters.written_back_blocks += len(job.keys)
+                counters.disk_written_bytes += len(job.keys) * self.manager.block_bytes
                 for key in job.keys:
                     self._on_disk[key] = None
                     self._on_disk.move_to_end(key)

@@ -26,6 +26,9 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:pool_used_blocks``             gauge: blocks held
 ``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
 ``kv_offload:pool_usage_ratio``             gauge: used / capacity
+``kv_offload:tier_*{tier}``                 per tier (``dram``, ``disk``): hit tokens, read and
+                                            written bytes, evicted and corrupt blocks (counters),
+                                            used and capacity blocks (gauges)
 ==========================================  =====================================================
 """
 
@@ -58,6 +61,33 @@ COUNTERS: dict[str, tuple[str, str]] = {
 GAUGES: dict[str, tuple[str, str]] = {
     "pool_used_blocks": ("kv_offload:pool_used_blocks", "KV blocks held by the pool."),
     "pool_capacity_blocks": ("kv_offload:pool_capacity_blocks", "Capacity of the pool in KV blocks."),
+    "disk_used_blocks": ("kv_offload:disk_used_blocks", "KV blocks held by the disk tier (rank 0)."),
+    "disk_capacity_blocks": ("kv_offload:disk_capacity_blocks", "Capacity of the disk tier in KV blocks (rank 0)."),
+}
+#: Per-tier families (label ``tier``): metric -> (help, {tier: how to read it from ``data``}).
+#: A reader is a data key, or a (key, minus key) pair for a difference.
+TIERED: dict[str, tuple[str, dict[str, str | tuple[str, str]]]] = {
+    "kv_offload:tier_hit_tokens": (
+        "Prompt tokens served by kv-offload, by the tier they came from.",
+        {"dram": ("hit_tokens", "disk_hit_tokens"), "disk": "disk_hit_tokens"},
+    ),
+    "kv_offload:tier_read_bytes": (
+        "Bytes read from a tier (DRAM: into the KV cache; disk: into the pool).",
+        {"dram": "loaded_bytes", "disk": "disk_read_bytes"},
+    ),
+    "kv_offload:tier_written_bytes": (
+        "Bytes written to a tier (DRAM: stores; disk: write-backs).",
+        {"dram": "stored_bytes", "disk": "disk_written_bytes"},
+    ),
+    "kv_offload:tier_evicted_blocks": ("KV blocks evicted from a tier.", {"dram": "evicted_blocks", "disk": "disk_evicted_blocks"}),
+    "kv_offload:tier_corrupt_blocks": ("KV blocks that failed their checksum on a tier.", {"disk": "disk_corrupt_blocks"}),
+}
+#: Per-tier gauges (label ``tier``): metric -> (help, {tier: data key}).
+TIERED_GAUGES: dict[str, tuple[str, dict[str, str]]] = {
+    "kv_offload:tier_used_blocks": ("KV blocks held by a tier.", {"dram": "pool_used_blocks", "disk": "disk_used_blocks"}),
+    "kv_offload:tier_capacity_blocks": (
+        "Capacity of a tier in KV blocks.", {"dram": "pool_capacity_blocks", "disk": "disk_capacity_blocks"},
+    ),
 }
 _DIRECTED = ("load_seconds", "store_seconds", "failed_loads", "failed_stores")
 _GBPS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -141,9 +171,20 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
             name="kv_offload:transfer_throughput_gbps", documentation="Throughput of each transfer job, GB/s.",
             labelnames=directed, buckets=_GBPS_BUCKETS,
         )  # fmt: skip
+        tiered = [*labelnames, "tier"]
+        self._tiered = {
+            name: counter(name=name, documentation=doc, labelnames=tiered) for name, (doc, _) in TIERED.items()
+        }
+        self._tiered_gauges = {
+            name: gauge(name=name, documentation=doc, labelnames=tiered, multiprocess_mode="mostrecent")
+            for name, (doc, _) in TIERED_GAUGES.items()
+        }
         for labels in per_engine_labelvalues.values():  # export zeros from the start
             for counter in self._counters.values():
                 counter.labels(*labels)
+            for name, (_, tiers) in TIERED.items():
+                for tier in tiers:
+                    self._tiered[name].labels(*labels, tier)
             for direction in ("load", "store"):
                 self._seconds.labels(*labels, direction)
                 self._failed.labels(*labels, direction)
@@ -159,6 +200,15 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
                 gauge.labels(*labels).set(d[key])
         if d.get("pool_capacity_blocks"):
             self._usage.labels(*labels).set(d.get("pool_used_blocks", 0) / d["pool_capacity_blocks"])
+        for name, (_, tiers) in TIERED.items():
+            for tier, reader in tiers.items():
+                value = d.get(reader, 0) if isinstance(reader, str) else d.get(reader[0], 0) - d.get(reader[1], 0)
+                if value > 0:
+                    self._tiered[name].labels(*labels, tier).inc(value)
+        for name, (_, gauge_tiers) in TIERED_GAUGES.items():
+            for tier, key in gauge_tiers.items():
+                if key in d:
+                    self._tiered_gauges[name].labels(*labels, tier).set(d[key])
         for direction in ("load", "store"):
             seconds = d.get(f"{direction}_seconds", 0.0)
             if seconds:

@@ -97,7 +97,9 @@ class WorkerHalf:
     ) -> None:  # fmt: skip
         self.config = config
         self.geometry = geometry
+        self.rank = rank
         self.tier: BlockTier | None = None
+        self._tier_seen = (0, 0)  # evictions, corruptions reported so far
         if config.disk is not None:
             if namespace is None:
                 raise ValueError("kv_offload: a disk tier needs the worker's key namespace")
@@ -248,6 +250,21 @@ class WorkerHalf:
         index = torch.as_tensor(list(device_blocks), dtype=torch.long)
         for layer in self._layers:
             layer.index_fill_(0, index.to(layer.device), 0)
+
+    def take_tier_stats(self) -> dict[str, int] | None:
+        """What the disk tier saw since the last call: eviction and corruption deltas, and
+        its size (``None`` without a tier, or when nothing changed)."""
+        if self.tier is None:
+            return None
+        st = self.tier.stats()
+        evicted, corrupt = st.evictions - self._tier_seen[0], st.corruptions - self._tier_seen[1]
+        self._tier_seen = (st.evictions, st.corruptions)
+        data = {"disk_used_blocks": st.blocks, "disk_capacity_blocks": getattr(self.tier, "capacity_blocks", 0)}
+        if evicted:
+            data["disk_evicted_blocks"] = evicted
+        if corrupt:
+            data["disk_corrupt_blocks"] = corrupt
+        return data
 
     def take_finished_recving(self) -> set[str]:
         done, self._finished_recving = self._finished_recving, set()

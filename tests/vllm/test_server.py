@@ -80,6 +80,7 @@ class Server:
         return result
 
     def metrics(self) -> dict[str, float]:
+        """``kv_offload:`` samples summed by name, and by name and tier as ``name{tier}``."""
         text = urllib.request.urlopen(self.url("/metrics"), timeout=10).read().decode()
         values: dict[str, float] = {}
         for line in text.splitlines():
@@ -87,6 +88,10 @@ class Server:
                 name_labels, value = line.rsplit(" ", 1)
                 name = name_labels.split("{", 1)[0]
                 values[name] = values.get(name, 0.0) + float(value)
+                if 'tier="' in name_labels:
+                    tier = name_labels.split('tier="', 1)[1].split('"', 1)[0]
+                    key = f"{name}{{{tier}}}"
+                    values[key] = values.get(key, 0.0) + float(value)
         return values
 
     def stop(self) -> None:
@@ -129,7 +134,9 @@ def _serve(model: Path, log: Path, cfg: dict[str, Any] | None) -> tuple[dict[str
 @pytest.fixture(scope="module")
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("server-logs")
-    with_conn, metrics = _serve(tiny_model, logs / "with.log", CONNECTOR)
+    # The connector's server has a disk tier too: every stored block is written through.
+    extra = {**CONNECTOR["kv_connector_extra_config"], "disk": {"path": str(logs / "disk"), "bytes": "256MiB"}}
+    with_conn, metrics = _serve(tiny_model, logs / "with.log", {**CONNECTOR, "kv_connector_extra_config": extra})
     without, _ = _serve(tiny_model, logs / "without.log", None)
     yield {"with": with_conn, "without": without, "metrics": metrics}
 
@@ -148,3 +155,16 @@ def test_server_metrics_show_pool_hits_and_bytes(served: dict[str, Any]) -> None
     assert m.get("kv_offload:pool_capacity_blocks", 0) > 0
     assert m.get("kv_offload:transfer_throughput_gbps_count", 0) > 0
     assert m.get("kv_offload:failed_transfers_total", -1) == 0
+
+
+def test_server_metrics_are_labelled_by_tier(served: dict[str, Any]) -> None:
+    m = served["metrics"]
+    # Every hit of this workload comes from DRAM (the pool holds it all); the disk got a copy.
+    assert m.get("kv_offload:tier_hit_tokens_total{dram}", 0) == m.get("kv_offload:hit_tokens_total", -1) > 0
+    assert m.get("kv_offload:tier_hit_tokens_total{disk}", -1) == 0
+    assert m.get("kv_offload:tier_written_bytes_total{dram}", 0) == m.get("kv_offload:stored_bytes_total", -1)
+    assert m.get("kv_offload:tier_written_bytes_total{disk}", 0) > 0, "stores were not written through"
+    assert m.get("kv_offload:written_back_blocks_total", 0) > 0
+    assert m.get("kv_offload:tier_capacity_blocks{disk}", 0) > 0 and m.get("kv_offload:tier_used_blocks{disk}", 0) > 0
+    assert m.get("kv_offload:tier_capacity_blocks{dram}", 0) == m.get("kv_offload:pool_capacity_blocks", -1)
+    assert m.get("kv_offload:tier_corrupt_blocks_total{disk}", -1) == 0

@@ -158,6 +158,40 @@ def test_corruption_is_a_counted_miss_and_removed_nothing_else_affected(tmp_path
         assert sum(t.contains(keys)) == 7 and t.contains([bad]) == [False]
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_neighbouring_slots_read_together_each_block_on_its_own_merits(tmp_path: object, threads: int) -> None:
+    """A batch of consecutive slots is read with one preadv per run: a corrupt block, a removed
+    one, a missing key, a buffer O_DIRECT cannot take and a segment boundary inside the batch
+    each affect only their own block."""
+    root = str(tmp_path)
+    keys = [key(i) for i in range(16)]  # two segments of 8 slots
+    with tier(root, threads=threads) as t:
+        assert write(t, keys) == [True] * 16
+        bad, gone = keys[3], keys[5]
+        loc = t._index[bad]
+        assert {t._index[k].seg.stem for k in keys} == {loc.seg.stem, f"s{BB}-0001"}
+        with open(os.path.join(_ns_dir(root), loc.seg.stem + ".dat"), "r+b") as f:
+            f.seek(loc.slot * BB + 100)
+            f.write(b"\xff\x00\xff")
+        assert t.remove([gone]) == [True]
+        asked = keys[:12] + [key(99)] + keys[12:]
+        bufs = [AlignedBuffer(BB) for _ in asked]
+        for b in bufs:
+            b.view[:] = b"\xa5" * BB
+        odd = bytearray(b"\xa5" * BB)  # not page-aligned: read alone, through a bounce buffer
+        dests = [b.view for b in bufs]
+        dests[9] = memoryview(odd)
+        ok = t.read(asked, dests)
+        assert ok == [k not in (bad, gone, key(99)) for k in asked]
+        for k, d, good in zip(asked, dests, ok):
+            want = body(k) if good else bytes(BB) if k == bad else b"\xa5" * BB
+            assert bytes(d) == want, k
+        s = t.stats()
+        assert (s.hits, s.misses, s.corruptions) == (14, 3, 1)
+        for b in bufs:
+            b.close()
+
+
 def _one_warning(caplog: pytest.LogCaptureFixture) -> int:
     return sum("failed (" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 

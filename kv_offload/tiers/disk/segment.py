@@ -23,7 +23,7 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kv_offload.tiers.disk.files import (
     ALIGN, NOFOLLOW, AlignedBuffer, address_of, direct_flag, lock_range, unlock_range,
@@ -296,26 +296,65 @@ class Segment:
 
     def read(self, slot: int, key: bytes, namespace: bytes, dest: memoryview, bounce: AlignedBuffer) -> ReadResult:
         """Copy the block in ``slot`` into ``dest`` if it is ``key``'s and checks out."""
-        at = self._entry_at(slot)
-        self._locks.acquire(self.idx_fd, at, slot, False)
+        return self.read_run(slot, [key], namespace, [dest], bounce)[0]
+
+    def read_run(
+        self, first: int, keys: Sequence[bytes], namespace: bytes, dests: Sequence[memoryview], bounce: AlignedBuffer
+    ) -> list[ReadResult]:  # fmt: skip
+        """:meth:`read` of the blocks in the consecutive slots ``first, first + 1, ...`` (one
+        per key): the slots are locked shared in ascending order, their entries read with one
+        ``pread``, and each run of matching entries with one ``preadv`` into its destinations
+        (a destination O_DIRECT cannot take is read alone through ``bounce``)."""
+        n = len(keys)
+        size = len(dests[0]) if n else 0
+        at = self._entry_at(first)
+        held = 0
         try:
-            raw = os.pread(self.idx_fd, ENTRY_BYTES, at)
-            entry = Entry.unpack(raw)
-            if entry is None:
-                return ReadResult.CORRUPT if looks_written(raw) else ReadResult.MISS
-            if entry.namespace != namespace or entry.key != key or entry.length != len(dest):
-                return ReadResult.MISS
-            into = dest if not self.direct or _direct_ok(dest) else bounce.view
-            n = os.preadv(self.dat_fd, [into], slot * len(dest))
-            if n != len(dest) or checksum(into) != entry.body_hash:
-                if into is dest:
-                    dest[:] = bytes(len(dest))
-                return ReadResult.CORRUPT
-            if into is not dest:
-                dest[:] = into
-            return ReadResult.OK
+            for i in range(n):
+                self._locks.acquire(self.idx_fd, at + i * ENTRY_BYTES, first + i, False)
+                held += 1
+            raw = memoryview(os.pread(self.idx_fd, n * ENTRY_BYTES, at))
+            out: list[ReadResult] = [ReadResult.MISS] * n
+            hashes: list[int | None] = [None] * n
+            for i in range(n):
+                chunk = raw[i * ENTRY_BYTES : (i + 1) * ENTRY_BYTES]
+                entry = Entry.unpack(chunk) if len(chunk) == ENTRY_BYTES else None
+                if entry is None:
+                    out[i] = ReadResult.CORRUPT if looks_written(chunk) else ReadResult.MISS
+                elif entry.namespace == namespace and entry.key == keys[i] and entry.length == size:
+                    hashes[i] = entry.body_hash
+            i = 0
+            while i < n:
+                if hashes[i] is None:
+                    i += 1
+                    continue
+                j = i + 1  # [i, j): matching entries whose destinations O_DIRECT takes as they are
+                direct_as_is = not self.direct or _direct_ok(dests[i])
+                while direct_as_is and j < n and hashes[j] is not None and (not self.direct or _direct_ok(dests[j])):
+                    j += 1
+                intos = list(dests[i:j]) if direct_as_is else [bounce.view]
+                got = os.preadv(self.dat_fd, intos, (first + i) * size)
+                for m in range(i, j):
+                    into = intos[m - i]
+                    if got < (m - i + 1) * size or checksum(into) != hashes[m]:
+                        if into is dests[m]:
+                            dests[m][:] = bytes(size)
+                        out[m] = ReadResult.CORRUPT
+                    else:
+                        if into is not dests[m]:
+                            dests[m][:] = into
+                        out[m] = ReadResult.OK
+                i = j
+            return out
         finally:
-            self._locks.release(self.idx_fd, at, slot)
+            err: BaseException | None = None
+            for i in range(held):  # every one, even if releasing another fails
+                try:
+                    self._locks.release(self.idx_fd, at + i * ENTRY_BYTES, first + i)
+                except BaseException as e:
+                    err = err or e
+            if err is not None:
+                raise err
 
     def clear_if_bad(self, slot: int, key: bytes, namespace: bytes, bounce: AlignedBuffer) -> bool:
         """After a read of ``key`` failed its check: under the exclusive slot lock, look again,

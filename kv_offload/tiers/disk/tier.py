@@ -51,6 +51,8 @@ _R = TypeVar("_R")
 #: Default segment size: large enough for long sequential runs, few enough files (<= 64).
 _SEGMENT_BYTES = 256 << 20
 _MAX_DEFAULT_SEGMENTS = 64
+#: Most bytes read by one ``preadv`` of consecutive slots.
+_RUN_BYTES = 8 << 20
 
 
 @dataclass
@@ -64,6 +66,23 @@ class DiskTierStats(TierStats):
     index_blocks: int = 0
     segments_owned: int = 0
     segments_seen: int = 0
+
+
+def _runs(jobs: list[tuple[int, Loc]], parts: int, most: int) -> list[list[tuple[int, Loc]]]:
+    """``jobs`` cut into ``parts`` contiguous chunks (one per I/O thread), each cut into runs
+    of consecutive slots of one segment, of at most ``most`` blocks: one ``preadv`` each."""
+    out: list[list[tuple[int, Loc]]] = []
+    step = max(1, -(-len(jobs) // max(1, parts)))
+    for c in range(0, len(jobs), step):
+        run: list[tuple[int, Loc]] = []
+        for job in jobs[c : c + step]:
+            prev = run[-1][1] if run else None
+            if prev is None or len(run) >= most or job[1].seg is not prev.seg or job[1].slot != prev.slot + 1:
+                run = [job]
+                out.append(run)
+            else:
+                run.append(job)
+    return out
 
 
 #: Live instances, marked dead in a forked child (see the module docstring).
@@ -142,6 +161,7 @@ class DiskTier(SegmentSet, BlockTier):
         self._stats.index_blocks = len(self._index)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvo-disk") if threads > 1 else None
         self._threads = threads
+        self._max_run = max(1, _RUN_BYTES // block_bytes)
         _LIVE.add(self)
         log.info(
             "disk tier %s: %s I/O, %d blocks indexed in %.3f s, %d segments of %d slots at most",
@@ -402,23 +422,31 @@ class DiskTier(SegmentSet, BlockTier):
             if gone is not None and keys:
                 self._warn_once("read", gone)
 
-        def one(job: tuple[int, Loc]) -> ReadResult | OSError:
-            i, loc = job
+        def run(part: list[tuple[int, Loc]]) -> list[ReadResult | OSError]:
+            """Blocks in consecutive slots of one segment, read together (see Segment.read_run)."""
+            first = part[0][1]
             buf = self._bufs.take()
             try:
-                res = loc.seg.read(loc.slot, keys[i], self.namespace, dests[i], buf)
-                # cleared only where no other live instance writes, and only if it still fails
-                # its check under the exclusive slot lock
-                if res is ReadResult.CORRUPT and self._may_clear(loc.seg):
-                    if not loc.seg.clear_if_bad(loc.slot, keys[i], self.namespace, buf):
-                        res = ReadResult.RACED
+                try:
+                    res: list[ReadResult | OSError] = list(first.seg.read_run(
+                        first.slot, [keys[i] for i, _ in part], self.namespace, [dests[i] for i, _ in part], buf,
+                    ))  # fmt: skip
+                except OSError as e:
+                    return [e] * len(part)
+                for n, (i, loc) in enumerate(part):
+                    # cleared only where no other live instance writes, and only if it still
+                    # fails its check under the exclusive slot lock
+                    if res[n] is ReadResult.CORRUPT and self._may_clear(loc.seg):
+                        try:
+                            if not loc.seg.clear_if_bad(loc.slot, keys[i], self.namespace, buf):
+                                res[n] = ReadResult.RACED
+                        except OSError as e:
+                            res[n] = e
                 return res
-            except OSError as e:
-                return e
             finally:
                 self._bufs.give(buf)
 
-        outcomes = self._map(one, jobs)
+        outcomes = [r for rs in self._map(run, _runs(jobs, self._threads, self._max_run)) for r in rs]
         with self._lock:
             for (i, loc), res in zip(jobs, outcomes):
                 pin = (loc.seg.stem, loc.slot)

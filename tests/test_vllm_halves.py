@@ -460,3 +460,23 @@ def test_a_corrupt_disk_block_is_a_miss_and_the_request_recomputes(tmp_path: "os
     assert half.match(FakeRequest("b2", list(range(2 * BS)) + [1]), 0) == (0, False)
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]
+
+
+def test_a_tier_that_cannot_answer_yet_defers_the_request() -> None:
+    class SlowIndex:
+        """Answers "not known yet" until its lookup lands, then holds every key asked about."""
+
+        def __init__(self) -> None:
+            self.ready = False
+
+        def contains(self, keys: object) -> list[bool] | None:
+            return [True] * len(keys) if self.ready else None  # type: ignore[arg-type]
+
+    index = SlowIndex()
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    half = SchedulerHalf(config, OffloadManager(8, LRUPolicy(8)), block_size=BS, disk=index)
+    req = FakeRequest("a", list(range(3 * BS)) + [1])
+    assert half.match(req, 0) == (None, False)  # vLLM skips the request this step, asks again
+    assert "a" not in half._matches
+    index.ready = True
+    assert half.match(req, 0) == (3 * BS, True)

@@ -74,10 +74,12 @@ class _Kind(enum.Enum):
 
 
 class TierIndex(Protocol):
-    """What the scheduler asks of the tier below the pool: which blocks it holds (an
-    in-memory answer; a :class:`~kv_offload.tiers.BlockTier` is one)."""
+    """What the scheduler asks of the tier below the pool: which blocks it holds, from
+    memory (a :class:`~kv_offload.tiers.BlockTier` is one). ``None`` means "not known yet"
+    (a lookup still in flight): the request is asked about again next step, and the step
+    never waits for a slow tier."""
 
-    def contains(self, keys: Sequence[bytes]) -> list[bool]: ...
+    def contains(self, keys: Sequence[bytes]) -> list[bool] | None: ...
 
 
 @dataclass
@@ -223,10 +225,11 @@ class SchedulerHalf:
         return self._state(request).chain.keys(request.all_token_ids, n)
 
     # -- admission (vLLM: get_num_new_matched_tokens / update_state_after_alloc) -----------
-    def match(self, request: RequestView, num_computed_tokens: int) -> tuple[int, bool]:
+    def match(self, request: RequestView, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` (block aligned) the pool can supply.
 
-        At least one token is always left to compute. Returns ``(tokens, load_async)``.
+        At least one token is always left to compute. Returns ``(tokens, load_async)``;
+        ``(None, False)`` while the tier below cannot answer yet (vLLM asks again next step).
         """
         self._matches.pop(request.request_id, None)
         bs = self.block_size
@@ -237,15 +240,19 @@ class SchedulerHalf:
         keys = self.block_keys(request, limit)[start:]
         hits = self.manager.lookup(keys)
         disk_hits = self._disk_run(keys[hits:]) if self.disk is not None else 0
+        if disk_hits is None:
+            return None, False
         if hits + disk_hits == 0 or (hits + disk_hits) * bs < self.config.min_load_tokens:
             return 0, False
         self._matches[request.request_id] = (start, hits, disk_hits)
         return (hits + disk_hits) * bs, True
 
-    def _disk_run(self, keys: Sequence[bytes]) -> int:
-        """How many leading ``keys`` the disk tier holds."""
+    def _disk_run(self, keys: Sequence[bytes]) -> int | None:
+        """How many leading ``keys`` the disk tier holds (``None``: not known yet)."""
         assert self.disk is not None
         held = self.disk.contains(keys) if keys else []
+        if held is None:
+            return None
         n = 0
         for key, there in zip(keys, held):
             if not (there or key in self._on_disk) or key in self._disk_failed:

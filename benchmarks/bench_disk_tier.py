@@ -4,12 +4,23 @@
 For each block size (64 KiB, 256 KiB, 1 MiB, 2 MiB) the tier writes ``--mib`` MiB of blocks from
 page-aligned buffers (as the host pool's slots are) in batches, then reads them back into
 page-aligned buffers; the baseline writes the same bytes to one file sequentially, one block
-size per call, single-threaded, then reads them back. Both use O_DIRECT when the tier's probe
-found the file system takes it (then the page cache is out of the picture), buffered I/O
+size per call, single-threaded, then reads them back. Both writes come first, then both reads,
+tier first or plain first in turn (so neither read always follows the other's writes). Both
+use O_DIRECT when the tier's probe found the file system takes it (then the page cache is out of the picture), buffered I/O
 otherwise; write times include flushing to the device (``fdatasync``/``syncfs``), and the page
 cache of every file is dropped with ``posix_fadvise(DONTNEED)`` between write and read. The
 restart index time is measured on ``--index-blocks`` 4 KiB blocks and scaled to 10^5. Each
 size runs ``--repeat`` times and the medians (ratios too) are reported.
+
+Promotion latency, disk -> KV cache, through the connector's path: a :class:`TierIO` over the
+tier reads the blocks into page-aligned pool slots (entries and checksums verified), then a
+:class:`CpuTransferEngine` copies them into a KV cache of CPU tensors (vLLM's CPU page format,
+4 layers); each promotion waits for both legs. Promotions of 1 and of 16 blocks, the page cache
+of the tier's files dropped before each; the baseline in the same rounds, first or second in
+turn: one
+``os.preadv`` per block of the same bytes from a plain file into an aligned buffer, then a
+``copy_`` of each layer's page into the KV cache. Reported per block, in microseconds; the
+ratio is the median of each round's tier / plain.
 
     python benchmarks/bench_disk_tier.py --json [--out FILE] [--dir DIR] [--mib 256]
 """
@@ -24,9 +35,16 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import Any
 
+import torch
+
+from kv_offload.geometry import KVGeometry, PageFormat
 from kv_offload.tiers.disk import DiskTier
 from kv_offload.tiers.disk.files import AlignedBuffer
+from kv_offload.transfer import Direction, TransferJob, regions_from_layers
+from kv_offload.transfer.cpu_engine import CpuTransferEngine
+from kv_offload.transfer.tier_io import TierIO
 
 NS = bytes(range(16))
 SIZES = [64 << 10, 256 << 10, 1 << 20, 2 << 20]
@@ -48,7 +66,9 @@ def _keys(n: int) -> list[bytes]:
     return [NS + i.to_bytes(16, "little") for i in range(n)]
 
 
-def bench_size(d: str, bs: int, total: int, threads: int) -> dict[str, float]:
+def bench_size(d: str, bs: int, total: int, threads: int, plain_first: bool = False) -> dict[str, Any]:
+    """One run: both writes (tier, then plain), then both reads, in the order asked (the
+    repeats alternate it, so neither read always follows the other's writes)."""
     n = total // bs
     src = AlignedBuffer(n * bs)
     src.map.write(os.urandom(1 << 20) * (n * bs >> 20))
@@ -63,16 +83,7 @@ def bench_size(d: str, bs: int, total: int, threads: int) -> dict[str, float]:
         assert all(t.write(list(zip(keys[i : i + BATCH], views[i : i + BATCH]))))
     os.sync()
     w = time.perf_counter() - t0
-    _drop(path)
-    t0 = time.perf_counter()
-    for i in range(0, n, BATCH):
-        assert all(t.read(keys[i : i + BATCH], outs[i : i + BATCH]))
-    r = time.perf_counter() - t0
-    assert dst.view == src.view
     direct = t.direct
-    t.close()
-    shutil.rmtree(path)
-
     plain = os.path.join(d, f"plain-{bs}")
     flag = getattr(os, "O_DIRECT", 0) if direct else 0
     t0 = time.perf_counter()
@@ -82,17 +93,37 @@ def bench_size(d: str, bs: int, total: int, threads: int) -> dict[str, float]:
     os.fdatasync(fd)
     os.close(fd)
     pw = time.perf_counter() - t0
-    _drop(plain)
-    fd = os.open(plain, os.O_RDONLY | flag)
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.preadv(fd, [outs[i]], i * bs)
-    pr = time.perf_counter() - t0
-    os.close(fd)
+
+    def tier_read() -> float:
+        _drop(path)
+        t0 = time.perf_counter()
+        for i in range(0, n, BATCH):
+            assert all(t.read(keys[i : i + BATCH], outs[i : i + BATCH]))
+        r = time.perf_counter() - t0
+        assert dst.view == src.view
+        return r
+
+    def plain_read() -> float:
+        _drop(plain)
+        fd = os.open(plain, os.O_RDONLY | flag)
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.preadv(fd, [outs[i]], i * bs)
+        r = time.perf_counter() - t0
+        os.close(fd)
+        return r
+
+    if plain_first:
+        pr, r = plain_read(), tier_read()
+    else:
+        r, pr = tier_read(), plain_read()
+    t.close()
+    shutil.rmtree(path)
     os.unlink(plain)
     for v in views + outs:
         v.release()
-    src.close(), dst.close()
+    src.close()
+    dst.close()
     gb = n * bs / 1e9
     return {
         "block_kib": bs >> 10, "blocks": n, "io_mode": "direct" if direct else "buffered",
@@ -101,12 +132,106 @@ def bench_size(d: str, bs: int, total: int, threads: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-def bench_repeated(d: str, bs: int, total: int, threads: int, repeat: int) -> dict[str, float]:
-    """Median of ``repeat`` runs (tier then plain, alternating): this VM's disk is noisy."""
-    runs = [bench_size(d, bs, total, threads) for _ in range(repeat)]
+def bench_repeated(d: str, bs: int, total: int, threads: int, repeat: int) -> dict[str, Any]:
+    """Median of ``repeat`` runs (the reads' order alternating): this VM's disk is noisy."""
+    runs = [bench_size(d, bs, total, threads, plain_first=bool(i % 2)) for i in range(repeat)]
     out = dict(runs[0])
     for k in ("tier_write_gbs", "tier_read_gbs", "plain_write_gbs", "plain_read_gbs", "write_ratio", "read_ratio"):
         out[k] = statistics.median(r[k] for r in runs)
+    return out
+
+
+PROMOTE_SIZES = (1, 16)
+
+
+def _geometry(bs: int) -> KVGeometry:
+    """A KV cache geometry whose host block is ``bs`` bytes: 4 layers, 2 heads of 64, fp16."""
+    return KVGeometry(num_layers=4, num_kv_heads=2, head_size=64, block_size=bs // 2048,
+                      dtype=torch.float16, page_format=PageFormat.CPU)  # fmt: skip
+
+
+def bench_promote(d: str, bs: int, rounds: int, threads: int) -> dict[str, float]:
+    """Per-block latency of promotions disk -> pool slots -> KV cache against a plain preadv
+    plus copy of the same bytes (see the module docstring)."""
+    geo = _geometry(bs)
+    assert geo.slot_bytes == bs
+    most = max(PROMOTE_SIZES)
+    n = 4 * most  # blocks on disk; each round reads some of them again (page cache dropped)
+    layers = [torch.zeros(2 * most, geo.num_kv_heads, geo.block_size, 2 * geo.head_size, dtype=geo.dtype)
+              for _ in range(geo.num_layers)]  # fmt: skip
+    pool_buf = AlignedBuffer(most * bs)
+    pool = torch.frombuffer(pool_buf.map, dtype=torch.uint8, count=most * bs).view(most, bs)
+    src = AlignedBuffer(n * bs)
+    src.map.write(os.urandom(n * bs))
+    keys = [NS + b"promote" + i.to_bytes(9, "little") for i in range(n)]
+    path = os.path.join(d, f"promote-{bs}")
+    tier = DiskTier(path, (n + 1) * bs, NS, bs, threads=threads)
+    assert all(tier.write([(k, src.view[i * bs : (i + 1) * bs]) for i, k in enumerate(keys)]))
+    plain = os.path.join(d, f"promote-plain-{bs}")
+    flag = getattr(os, "O_DIRECT", 0) if tier.direct else 0
+    fd = os.open(plain, os.O_CREAT | os.O_RDWR | flag, 0o600)
+    os.pwrite(fd, src.view, 0)
+    os.fsync(fd)
+    tio = TierIO(tier, pool)
+    engine = CpuTransferEngine(regions_from_layers(layers, geo), pool, num_threads=2)
+    buf = AlignedBuffer(most * bs)
+    buf_t = torch.frombuffer(buf.map, dtype=torch.uint8, count=most * bs)
+    # the plain copy's destinations: each layer's page of each KV cache block, as bytes
+    pages = [[t[b].view(torch.uint8).reshape(-1) for t in layers] for b in range(2 * most)]
+    page = geo.page_bytes
+    jid = 0
+    out: dict[str, float] = {"block_kib": bs >> 10}
+    try:
+        for count in PROMOTE_SIZES:
+            tier_us: list[float] = []
+            plain_us: list[float] = []
+            for r in range(rounds + 1):  # round 0 warms up (first touches, threads) and is dropped
+                first = (r * count) % n
+                idx = list(range(first, first + count))
+                dev = list(range(count))  # tier -> KV blocks [0, count), plain -> [most, most + count)
+
+                def via_tier() -> None:
+                    nonlocal jid
+                    _drop(path)
+                    jid += 1
+                    t0 = time.perf_counter()
+                    tio.read(jid, [keys[i] for i in idx], list(range(count)))
+                    tio.wait_all()
+                    assert all(res.success for res in tio.poll())
+                    engine.submit(TransferJob.make(jid, Direction.LOAD, dev, list(range(count))))
+                    engine.wait([jid])
+                    tier_us.append((time.perf_counter() - t0) * 1e6 / count)
+                    assert all(res.success for res in engine.poll())
+
+                def via_plain() -> None:
+                    _drop(plain)
+                    t0 = time.perf_counter()
+                    for j, i in enumerate(idx):
+                        os.preadv(fd, [buf.view[j * bs : (j + 1) * bs]], i * bs)
+                        for lay, dst in enumerate(pages[most + j]):
+                            dst.copy_(buf_t[j * bs + lay * page : j * bs + (lay + 1) * page])
+                    plain_us.append((time.perf_counter() - t0) * 1e6 / count)
+
+                for run in (via_plain, via_tier) if r % 2 else (via_tier, via_plain):
+                    run()
+                for t in layers:  # the same bytes arrived both ways (compared as bytes: NaNs)
+                    u = t.view(torch.uint8)
+                    assert torch.equal(u[:count], u[most : most + count]) and bool(u[:count].any())
+                    t.zero_()
+            tier_us, plain_us = tier_us[1:], plain_us[1:]
+            out[f"promote{count}_us_per_block"] = statistics.median(tier_us)
+            out[f"plain{count}_us_per_block"] = statistics.median(plain_us)
+            out[f"promote{count}_ratio"] = statistics.median(a / b for a, b in zip(tier_us, plain_us))
+    finally:
+        engine.shutdown()
+        tio.shutdown()
+        tier.close()
+        os.close(fd)
+        del pool, buf_t, pages
+        for b in (pool_buf, src, buf):
+            b.close()
+        shutil.rmtree(path, ignore_errors=True)
+        os.unlink(plain)
     return out
 
 
@@ -119,8 +244,9 @@ def bench_index(d: str, blocks: int) -> dict[str, float]:
         for i in range(0, blocks, 256):
             chunk = keys[i : i + 256]
             assert all(t.write([(k, buf.view[j * bs : (j + 1) * bs]) for j, k in enumerate(chunk)]))
-    with DiskTier(path, blocks * bs, NS, bs) as t:
-        s = t.stats()
+    reopened = DiskTier(path, blocks * bs, NS, bs)
+    s = reopened.stats()
+    reopened.close()
     buf.close()
     shutil.rmtree(path)
     return {"blocks": s.index_blocks, "seconds": s.index_seconds, "seconds_per_1e5": s.index_seconds * 1e5 / max(1, s.index_blocks)}
@@ -134,12 +260,14 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256, help="MiB written per block size")
     ap.add_argument("--threads", type=int, default=4, help="the tier's I/O threads")
     ap.add_argument("--repeat", type=int, default=3, help="runs per block size; the medians are reported")
+    ap.add_argument("--promote-rounds", type=int, default=15, help="promotions of each size per block size")
     ap.add_argument("--index-blocks", type=int, default=100_000, help="blocks for the restart index time")
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="kvo-bench-", dir=args.dir)
     os.chmod(d, 0o700)
     try:
         rows = [bench_repeated(d, bs, args.mib << 20, args.threads, args.repeat) for bs in SIZES]
+        promote = [bench_promote(d, bs, args.promote_rounds, args.threads) for bs in SIZES]
         index = bench_index(d, args.index_blocks)
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -149,10 +277,17 @@ def main() -> None:
             f"{r['block_kib']:>6}Ki {r['io_mode']:>8} {r['tier_write_gbs']:8.2f} {r['plain_write_gbs']:8.2f} "
             f"{r['write_ratio']:6.2f} {r['tier_read_gbs']:8.2f} {r['plain_read_gbs']:8.2f} {r['read_ratio']:6.2f}"
         )
+    print(f"\n{'block':>8} " + " ".join(f"{'tier ' + str(c):>9} {'plain ' + str(c):>9} {'ratio':>6}" for c in PROMOTE_SIZES)
+          + "  (promotion disk -> KV cache, us per block)")  # fmt: skip
+    for p in promote:
+        cells = [f"{p[f'promote{c}_us_per_block']:9.0f} {p[f'plain{c}_us_per_block']:9.0f} {p[f'promote{c}_ratio']:6.2f}"
+                 for c in PROMOTE_SIZES]  # fmt: skip
+        print(f"{p['block_kib']:>6}Ki " + " ".join(cells))
     print(f"restart index: {index['blocks']} blocks in {index['seconds']:.3f} s ({index['seconds_per_1e5']:.3f} s per 10^5)")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "mib_per_size": args.mib, "repeat": args.repeat, "threads": args.threads, "batch": BATCH, "sizes": rows, "index": index,
+        "promote_rounds": args.promote_rounds, "promote": promote,
     }  # fmt: skip
     text = json.dumps(result, indent=2)
     if args.json:

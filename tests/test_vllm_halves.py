@@ -390,7 +390,9 @@ def test_disk_tier_survives_a_restart_and_promotes_through_the_pool(tmp_path: "o
     half.on_alloc(a, [1, 2, 3], 0)
     _step(half, worker, [ScheduledRequest(a, 0, 3 * BS, [1, 2, 3])])
     _run_until_settled(half, worker)
-    assert half.take_counters().written_back_blocks == 3
+    counters = half.take_counters()
+    assert counters.written_back_blocks == 3
+    assert [t[0] for t in counters.transfers] == ["store", "writeback"]
     expected = [t[[1, 2, 3]].clone() for t in layers]
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]
@@ -410,6 +412,8 @@ def test_disk_tier_survives_a_restart_and_promotes_through_the_pool(tmp_path: "o
         assert torch.equal(t[[5, 6, 4]], e)  # byte for byte, through disk and pool
     counters = half.take_counters()
     assert counters.promoted_blocks == 3 and counters.disk_hit_tokens == 3 * BS
+    (promote,) = [t for t in counters.transfers if t[0] == "promote"]  # its throughput, both legs
+    assert promote[1] == 3 * GEOM.block_bytes and promote[2] > 0
     # Promoted blocks are pool blocks now: the next hit comes from DRAM.
     assert half.match(FakeRequest("c", list(range(3 * BS)) + [9]), 0) == (3 * BS, True)
     assert half._matches["c"][1:] == (3, 0)

@@ -409,9 +409,12 @@ class SchedulerHalf:
                 raise RuntimeError(f"kv_offload: report for unknown job {outcome.job_id}")
             job.reports += 1
             job.success = job.success and outcome.success
+            if outcome.success:
+                # Per-job throughput by path: load (pool -> KV cache), store, promote (disk ->
+                # pool -> KV cache, both legs), writeback (pool -> disk).
+                self._counters.transfers.append((job.kind.value, outcome.nbytes, outcome.seconds))
             if outcome.success and job.kind is not _Kind.WRITEBACK:
                 loading = job.kind is not _Kind.STORE
-                self._counters.transfers.append(("load" if loading else "store", outcome.nbytes, outcome.seconds))
                 if loading:
                     self._counters.loaded_bytes += outcome.nbytes
                     self._counters.load_seconds += outcome.seconds

@@ -22,7 +22,8 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:failed_promotes_total``        promotions that failed (the request recomputed)
 ``kv_offload:written_back_blocks_total``    blocks written through to the disk tier
 ``kv_offload:failed_writebacks_total``      write-backs that failed (the blocks stay DRAM-only)
-``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``
+``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``: load,
+                                            store, promote (disk -> pool -> KV cache), writeback
 ``kv_offload:pool_used_blocks``             gauge: blocks held
 ``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
 ``kv_offload:pool_usage_ratio``             gauge: used / capacity

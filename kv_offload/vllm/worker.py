@@ -116,6 +116,8 @@ class WorkerHalf:
         self._loads: dict[int, JobSpec] = {}
         self._stores: dict[int, JobSpec] = {}
         self._writebacks: dict[int, JobSpec] = {}
+        #: promotions whose disk read finished: its seconds, added to the copy's in the report
+        self._read_seconds: dict[int, float] = {}
         #: request -> its loads and promotions not settled yet (it is done receiving at 0)
         self._receiving: Counter[str] = Counter()
         self._outcomes: list[JobOutcome] = []
@@ -200,6 +202,7 @@ class WorkerHalf:
                     logger.debug("kv_offload: write-back %d: %s", done.job_id, done.error)
                 self._outcomes.append(JobOutcome(done.job_id, done.success, done.nbytes, done.seconds, False))
             elif done.success:  # promotion, second leg: pool -> KV cache
+                self._read_seconds[done.job_id] = done.seconds
                 self._submit(self._loads[done.job_id], Direction.LOAD, self._loads)
             else:
                 logger.warning("kv_offload: promotion %d failed: %s (recomputed)", done.job_id, done.error)
@@ -213,6 +216,7 @@ class WorkerHalf:
     def _settle(self, job_id: int, success: bool, nbytes: int, seconds: float, is_load: bool) -> None:
         if is_load:
             job = self._loads.pop(job_id)
+            seconds += self._read_seconds.pop(job_id, 0.0)  # a promotion: both legs
             assert job.req_id is not None
             # Done receiving once every load and promotion of the request settled: vLLM
             # schedules it then, and its blocks must all be in place.

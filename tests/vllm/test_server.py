@@ -80,7 +80,7 @@ class Server:
         return result
 
     def metrics(self) -> dict[str, float]:
-        """``kv_offload:`` samples summed by name, and by name and tier as ``name{tier}``."""
+        """``kv_offload:`` samples summed by name, and by name and tier or direction as ``name{value}``."""
         text = urllib.request.urlopen(self.url("/metrics"), timeout=10).read().decode()
         values: dict[str, float] = {}
         for line in text.splitlines():
@@ -88,10 +88,11 @@ class Server:
                 name_labels, value = line.rsplit(" ", 1)
                 name = name_labels.split("{", 1)[0]
                 values[name] = values.get(name, 0.0) + float(value)
-                if 'tier="' in name_labels:
-                    tier = name_labels.split('tier="', 1)[1].split('"', 1)[0]
-                    key = f"{name}{{{tier}}}"
-                    values[key] = values.get(key, 0.0) + float(value)
+                for label in ("tier", "direction"):
+                    if f'{label}="' in name_labels:
+                        which = name_labels.split(f'{label}="', 1)[1].split('"', 1)[0]
+                        key = f"{name}{{{which}}}"
+                        values[key] = values.get(key, 0.0) + float(value)
         return values
 
     def stop(self) -> None:
@@ -168,3 +169,4 @@ def test_server_metrics_are_labelled_by_tier(served: dict[str, Any]) -> None:
     assert m.get("kv_offload:tier_capacity_blocks{disk}", 0) > 0 and m.get("kv_offload:tier_used_blocks{disk}", 0) > 0
     assert m.get("kv_offload:tier_capacity_blocks{dram}", 0) == m.get("kv_offload:pool_capacity_blocks", -1)
     assert m.get("kv_offload:tier_corrupt_blocks_total{disk}", -1) == 0
+    assert m.get("kv_offload:transfer_throughput_gbps_count{writeback}", 0) > 0  # disk write throughput

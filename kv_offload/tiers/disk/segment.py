@@ -360,36 +360,30 @@ class Segment:
         """After a read of ``key`` failed its check: under the exclusive slot lock, look again,
         and empty the slot only if its entry is invalid, or still names ``key`` and its body
         still fails. ``False``: the slot was rewritten meanwhile (or emptied), left alone."""
-        at = self._entry_at(slot)
-        self._locks.acquire(self.idx_fd, at, slot, True)
-        try:
-            raw = os.pread(self.idx_fd, ENTRY_BYTES, at)
-            if not looks_written(raw):
-                return False
-            entry = Entry.unpack(raw)
-            if entry is not None:
-                if entry.namespace != namespace or entry.key != key or entry.length != len(bounce.view):
-                    return False
-                n = os.preadv(self.dat_fd, [bounce.view], slot * entry.length)
-                if n == entry.length and checksum(bounce.view) == entry.body_hash:
-                    return False
-            _pwrite_all(self.idx_fd, EMPTY_ENTRY, at)
-            return True
-        finally:
-            self._locks.release(self.idx_fd, at, slot)
+
+        def keep(entry: Entry | None) -> bool:
+            if entry is None:
+                return False  # an invalid entry: empty it
+            if entry.namespace != namespace or entry.key != key or entry.length != len(bounce.view):
+                return True  # rewritten with another block meanwhile
+            n = os.preadv(self.dat_fd, [bounce.view], slot * entry.length)
+            return n == entry.length and checksum(bounce.view) == entry.body_hash  # now whole
+
+        return self._clear_unless(slot, keep)
 
     def clear(self, slot: int, key: bytes | None) -> bool:
         """Empty ``slot`` if it still holds ``key`` (any valid or invalid entry when ``None``)."""
+        return self._clear_unless(slot, lambda entry: key is not None and entry is not None and entry.key != key)
+
+    def _clear_unless(self, slot: int, keep: Callable[[Entry | None], bool]) -> bool:
+        """Under the exclusive slot lock: empty the slot's entry unless it is empty already or
+        ``keep(entry)`` (``None`` for an entry that fails its own check). Returns whether it did."""
         at = self._entry_at(slot)
         self._locks.acquire(self.idx_fd, at, slot, True)
         try:
             raw = os.pread(self.idx_fd, ENTRY_BYTES, at)
-            if not looks_written(raw):
+            if not looks_written(raw) or keep(Entry.unpack(raw)):
                 return False
-            if key is not None:
-                entry = Entry.unpack(raw)
-                if entry is not None and entry.key != key:
-                    return False
             _pwrite_all(self.idx_fd, EMPTY_ENTRY, at)
             return True
         finally:

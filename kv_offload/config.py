@@ -16,7 +16,7 @@ from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "DiskConfig", "OffloadConfig", "parse_bytes"]
+__all__ = ["ConfigError", "DiskConfig", "OffloadConfig", "RemoteConfig", "parse_bytes"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -137,6 +137,120 @@ class DiskConfig:
         return cls(os.path.abspath(os.path.expanduser(path)), capacity, threads)
 
 
+#: Keys of the ``remote`` section every store accepts (the store's own come from its adapter).
+_REMOTE_KEYS = {
+    "url": "the store, e.g. 'redis://127.0.0.1:6379/0', 'rediss://user@host:6380/0', 'mooncake://127.0.0.1:50051'",
+    "prefix": "prefix of every key, one per deployment (default 'kvo:')",
+    "lookup_budget_ms": "how long a request waits for a remote lookup before going ahead with local tiers",
+    "timeout_ms": "limit of one store operation; past it the operation fails (loads recompute)",
+    "reconnect_max_s": "longest wait between reconnection attempts",
+    "password_file": "a file holding the store's password (instead of one in the URL)",
+    "password_env": "an environment variable holding the store's password",
+    "write": "write stored blocks to the store (false: a read-only consumer)",
+}
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """A remote tier on a distributed store (``"remote": {...}`` in the config).
+
+    The password, from the URL, ``password_file`` or ``password_env``, is never shown by
+    ``repr`` nor in an error message.
+    """
+
+    #: The store URL; its scheme picks the adapter (``redis``, ``rediss``, ``valkey``,
+    #: ``valkeys``, ``mooncake``). Shown redacted.
+    url: str = field(repr=False)
+    prefix: str = "kvo:"
+    lookup_budget_ms: int = 50
+    timeout_ms: int = 2000
+    reconnect_max_s: int = 30
+    write: bool = True
+    #: the password from ``password_file`` / ``password_env`` (None: the URL's, if any)
+    password: str | None = field(default=None, repr=False)
+    #: the adapter's own options (checked against its ``OPTIONS``)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        from kv_offload.tiers.remote.url import scheme_of
+
+        return scheme_of(self.url)
+
+    @property
+    def shown_url(self) -> str:
+        from kv_offload.tiers.remote.url import redact
+
+        return redact(self.url)
+
+    def __repr__(self) -> str:
+        return (f"RemoteConfig(url={self.shown_url!r}, prefix={self.prefix!r}, lookup_budget_ms={self.lookup_budget_ms},"
+                f" timeout_ms={self.timeout_ms}, reconnect_max_s={self.reconnect_max_s}, write={self.write},"
+                f" options={dict(self.options)!r})")  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, raw: object) -> RemoteConfig:
+        from kv_offload.registry import RegistryError
+        from kv_offload.tiers.remote.store import STORES
+        from kv_offload.tiers.remote.url import redact, scheme_of
+
+        if not isinstance(raw, Mapping):
+            raise ConfigError("remote", f"expected a JSON object such as {{\"url\": \"redis://127.0.0.1:6379/0\"}}, got {type(raw).__name__}")
+        bad = [k for k in raw if not isinstance(k, str)]
+        if bad:
+            raise ConfigError("remote", f"option names must be strings, got {_show(bad[0])}")
+        if "url" not in raw:
+            raise ConfigError("remote.url", "is required (e.g. 'redis://127.0.0.1:6379/0' or 'mooncake://127.0.0.1:50051')")
+        url = _name("remote.url", raw["url"])
+        scheme = scheme_of(url)
+        if any(c in url for c in "\0\r\n") or redact(url) == "<unparsable url>":
+            raise ConfigError("remote.url", "is not a valid URL")
+        if scheme not in STORES:
+            raise ConfigError("remote.url", f"unknown store scheme {scheme!r} in {redact(url)!r}; known: {STORES.names()}")
+        try:
+            adapter = STORES.resolve(scheme)
+        except RegistryError as exc:
+            raise ConfigError("remote.url", str(exc)) from None
+        accepted = sorted(set(_REMOTE_KEYS) | set(adapter.OPTIONS))
+        unknown = [k for k in raw if k not in accepted]
+        if unknown:
+            raise ConfigError(f"remote.{unknown[0][:40]}", f"unknown key for a {scheme!r} store; accepted keys: {accepted}")
+        prefix = raw.get("prefix", "kvo:")
+        _check_type("remote.prefix", prefix, (str,), "a string")
+        if len(prefix) > 128 or any(not (c.isascii() and c.isprintable()) or c.isspace() for c in prefix):
+            raise ConfigError("remote.prefix", "must be at most 128 printable ASCII characters without spaces")
+        budget = _int_in("remote.lookup_budget_ms", raw.get("lookup_budget_ms", 50), 0, 60_000)
+        timeout = _int_in("remote.timeout_ms", raw.get("timeout_ms", 2000), 1, 600_000)
+        reconnect = _int_in("remote.reconnect_max_s", raw.get("reconnect_max_s", 30), 1, 3600)
+        write = raw.get("write", True)
+        _check_type("remote.write", write, (bool,), "true or false")
+        password = None
+        if "password_file" in raw and "password_env" in raw:
+            raise ConfigError("remote.password_file", "give either password_file or password_env, not both")
+        if "password_file" in raw:
+            path = _name("remote.password_file", raw["password_file"])
+            try:
+                with open(os.path.expanduser(path), encoding="utf-8") as f:
+                    password = f.read().strip("\r\n")
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise ConfigError("remote.password_file", f"cannot read it: {type(exc).__name__}") from None
+        if "password_env" in raw:
+            var = _name("remote.password_env", raw["password_env"])
+            password = os.environ.get(var)
+            if password is None:
+                raise ConfigError("remote.password_env", f"environment variable {var[:60]!r} is not set")
+        options = {k: v for k, v in raw.items() if k not in _REMOTE_KEYS}
+        check = getattr(adapter, "check_options", None)
+        if check is not None:
+            try:
+                options = dict(check(options))
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise ConfigError("remote", str(exc)) from None
+        return cls(url, prefix, budget, timeout, reconnect, write, password, options)
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     #: Capacity of the pool in bytes (int, or a string such as "4GiB"). Required.
@@ -179,6 +293,10 @@ class OffloadConfig:
     #: (None: DRAM only). Stored blocks are written through to it; hits there are promoted
     #: through the pool into the KV cache. Blocks survive restarts and are shared by processes.
     disk: DiskConfig | None = None
+    #: A remote tier on a distributed store, below the pool (and the disk tier, when both
+    #: are set): {"url": "redis://127.0.0.1:6379/0" | "mooncake://127.0.0.1:50051", ...}
+    #: (None: no remote tier). Blocks are shared by every instance using the same store.
+    remote: RemoteConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> OffloadConfig:
@@ -221,6 +339,8 @@ class OffloadConfig:
                 _check_type(key, raw[key], (bool,), "true or false")
         if raw.get("disk") is not None:
             values["disk"] = DiskConfig.from_dict(raw["disk"])
+        if raw.get("remote") is not None:
+            values["remote"] = RemoteConfig.from_dict(raw["remote"])
         if "backend_options" in raw:
             _check_type("backend_options", raw["backend_options"], (Mapping,), "a JSON object")
             bad = [k for k in raw["backend_options"] if not isinstance(k, str)]

@@ -1,0 +1,165 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Running a real store server (redis-server, Mooncake master) as a child process for tests,
+demos and benchmarks.
+
+The remote tier is tested against real stores, not mocks, and those tests need the faults a
+real deployment sees: a store that dies (:meth:`ManagedProcess.kill`), one that stalls without
+closing its sockets (:meth:`ManagedProcess.pause`, SIGSTOP) and one that comes back. This
+module holds what every launcher shares: a free loopback port, waiting for readiness with a
+clear error, and a process in its own process group (so a signal reaches the server and any
+helpers it spawned, and a Ctrl-C in the terminal does not) whose output goes to a log file
+that an error message can quote.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["StoreStartError", "free_port", "wait_until", "ManagedProcess"]
+
+
+class StoreStartError(RuntimeError):
+    """A store server could not be started (not installed, bad config, not ready in time)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free now (the OS picks it; another process may take it
+    before it is used, which a launcher reports as a start error)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.02) -> None:
+    """Call ``predicate`` until it returns true; raise :class:`StoreStartError` naming ``what``
+    after ``timeout`` seconds. An exception from ``predicate`` counts as "not yet"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        if time.monotonic() >= deadline:
+            raise StoreStartError(f"{what}: not ready after {timeout:g} s")
+        time.sleep(interval)
+
+
+def log_tail(path: Path, max_bytes: int = 2000) -> str:
+    """The last ``max_bytes`` of a log file (empty when it cannot be read), for error messages."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+#: processes spawned and not yet stopped or killed (strong references: killed at exit even
+#: when their owner forgot them)
+_LIVE: set[ManagedProcess] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        proc.kill()
+
+
+class ManagedProcess:
+    """One server process in its own process group, output to ``log_path``.
+
+    Started by :meth:`spawn`; ended by :meth:`stop` (SIGTERM, then SIGKILL after a grace
+    period) or :meth:`kill`; stalled and resumed by :meth:`pause` / :meth:`resume`. A process
+    still running when the interpreter exits is killed (atexit), so a failed test leaves no
+    server behind. Not thread-safe: one owner drives it.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        """Whether the process was spawned and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def spawn(self, argv: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+        """Start ``argv`` (output appended to the log). Raises :class:`StoreStartError` when the
+        program cannot be executed."""
+        if self.running():
+            raise StoreStartError(f"{argv[0]} is already running (pid {self.pid})")
+        try:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+        except OSError as exc:
+            raise StoreStartError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        self._paused = False
+        _LIVE.add(self)
+
+    def exit_code(self) -> int | None:
+        """The exit status once the process ended (None while running or never spawned)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def log_tail(self, max_bytes: int = 2000) -> str:
+        return log_tail(self.log_path, max_bytes)
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> None:
+        """SIGSTOP the process group: the server keeps its sockets open but answers nothing."""
+        self._signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self._signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """End the process gracefully (SIGTERM; SIGKILL if it is still there after ``grace_s``)."""
+        if self._proc is None:
+            return
+        if self._paused:
+            self.resume()  # a stopped process cannot act on SIGTERM
+        self._signal(signal.SIGTERM)
+        try:
+            self._proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        _LIVE.discard(self)
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, as far as clients can tell)."""
+        if self._proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        try:
+            self._proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self._paused = False
+        _LIVE.discard(self)

@@ -10,6 +10,9 @@
 //   cpu_attention_isas() -> str[]          paths usable on this CPU, best first
 //   read_bandwidth_probe(buf, isa) -> float  sum of a float buffer (a read-bandwidth probe)
 //   pin_intraop_threads(cpus) -> int         pin torch's intra-op threads to these CPUs
+// check_ids=False skips the per-call check that every block id read lies in the cache: only for
+// callers that validated the block table already (the vLLM backend does it once per step, not
+// once per layer).
 // kv_layout is the int list built by kv_offload.attention (see _layout_list there):
 //   [page_offset_bytes, num_kv_heads, block_size, head_size, head_size_v,
 //    k_off, k_head, k_token, k_dim, v_off, v_head, v_token, v_dim]
@@ -207,7 +210,7 @@ void run_items(int64_t n, const F& fn) {
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_table, const at::Tensor& context_lens,
                             at::IntArrayRef kv_layout, at::ScalarType kv_dtype, double scale, int64_t window,
-                            int64_t num_splits, c10::string_view isa) {
+                            int64_t num_splits, c10::string_view isa, bool check_ids) {
   TORCH_CHECK(query.is_cpu() && out.is_cpu() && query.layout() == at::kStrided && out.layout() == at::kStrided,
               "query and out must be strided CPU tensors");
   TORCH_CHECK(query.dim() == 3, "query must be [num_seqs, num_q_heads, head_size], got ", query.sizes());
@@ -227,7 +230,7 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query, cons
   const KernelTable* table = kernels_for(std::string(isa));
   if (num_seqs == 0 || g == 0) return;  // nothing to compute (g == 0: no query heads)
   const int32_t* lens = context_lens.data_ptr<int32_t>();
-  check_block_ids(block_table, lens, num_seqs, kv);
+  if (check_ids) check_block_ids(block_table, lens, num_seqs, kv);
 
   const int64_t work = mul_checked(num_seqs, kv.num_kv_heads, "num_seqs * num_kv_heads");
   const int64_t max_ctx = *std::max_element(lens, lens + num_seqs);
@@ -267,7 +270,7 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
                              const at::Tensor& value, const at::Tensor& query_start_loc,
                              const at::Tensor& kv_cache, const at::Tensor& block_table,
                              const at::Tensor& prefix_lens, at::IntArrayRef kv_layout, at::ScalarType kv_dtype,
-                             double scale, int64_t window, c10::string_view isa) {
+                             double scale, int64_t window, c10::string_view isa, bool check_ids) {
   for (const at::Tensor* t : {&query, &out, &key, &value})
     TORCH_CHECK(t->is_cpu() && t->layout() == at::kStrided, "query, key, value and out must be strided CPU tensors");
   TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_q_heads, head_size], got ", query.sizes());
@@ -303,7 +306,7 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
     TORCH_CHECK(qsl[b + 1] >= qsl[b], "query_start_loc must be non-decreasing (sequence ", b, ")");
   // Checked even when there are no new tokens: a bad call is an error whatever its size.
   const int32_t* pre = prefix_lens.data_ptr<int32_t>();
-  check_block_ids(block_table, pre, num_seqs, kv);
+  if (check_ids) check_block_ids(block_table, pre, num_seqs, kv);
   const KernelTable* table = kernels_for(std::string(isa));
   if (num_seqs == 0 || tokens == 0 || g == 0) return;
 
@@ -404,11 +407,11 @@ TORCH_LIBRARY_FRAGMENT(kv_offload, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_table, "
       "Tensor context_lens, int[] kv_layout, ScalarType kv_dtype, float scale, int window, int num_splits, "
-      "str isa) -> ()");
+      "str isa, bool check_ids=True) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor query_start_loc, "
       "Tensor kv_cache, Tensor block_table, Tensor prefix_lens, int[] kv_layout, ScalarType kv_dtype, "
-      "float scale, int window, str isa) -> ()");
+      "float scale, int window, str isa, bool check_ids=True) -> ()");
   m.def("read_bandwidth_probe(Tensor buf, str isa) -> float");
   // No tensor arguments: registered as catch-all kernels.
   m.def("cpu_attention_isas() -> str[]", &cpu_attention_isas);

@@ -3,7 +3,8 @@
 
 The C++ ops are loaded from ``kv_offload._C`` on first use. Fake (meta) kernels are registered
 here so ``torch.compile`` can trace callers: both attention ops only write their ``out``
-argument (``Tensor(a!)`` in the schema) and return nothing.
+argument (``Tensor(a!)`` in the schema) and return nothing; ``reshape_and_cache`` only writes
+its ``kv_cache``.
 
 ``KV_OFFLOAD_CPU_ATTN_ISA`` (read in :func:`default_isa`, the only place) forces a kernel path:
 ``auto`` (default), ``avx512``, ``avx2``, ``neon`` or ``scalar``.
@@ -51,6 +52,7 @@ def _register_fakes() -> None:
         window: int,
         num_splits: int,
         isa: str,
+        check_ids: bool = True,
     ) -> None:
         _check_out(out, query)
 
@@ -68,10 +70,22 @@ def _register_fakes() -> None:
         scale: float,
         window: int,
         isa: str,
+        check_ids: bool = True,
     ) -> None:
         _check_out(out, query)
 
+    def _cache_fake(
+        kv_cache: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_layout: list[int],
+        kv_dtype: torch.dtype,
+    ) -> None:
+        return None
+
     torch.library.register_fake("kv_offload::paged_decode_attention", _decode_fake)
+    torch.library.register_fake("kv_offload::reshape_and_cache", _cache_fake)
     torch.library.register_fake("kv_offload::paged_prefill_attention", _prefill_fake)
 
 

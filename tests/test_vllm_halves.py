@@ -416,7 +416,7 @@ def test_disk_tier_survives_a_restart_and_promotes_through_the_pool(tmp_path: "o
     assert promote[1] == 3 * GEOM.block_bytes and promote[2] > 0
     # Promoted blocks are pool blocks now: the next hit comes from DRAM.
     assert half.match(FakeRequest("c", list(range(3 * BS)) + [9]), 0) == (3 * BS, True)
-    assert half._matches["c"][1:] == (3, 0)
+    assert half._matches["c"][1:] == (3, (0,))
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]
 

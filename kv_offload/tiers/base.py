@@ -92,6 +92,11 @@ class BlockTier(ABC):
     def stats(self) -> TierStats:
         """A snapshot of the counters (a copy; later calls do not change it)."""
 
+    def register_memory(self, buffer: memoryview) -> None:
+        """The host memory blocks are read into and written from (the pool), given once
+        before any I/O, for tiers that move data in place and must register it first.
+        Default: nothing to do."""
+
     def refresh(self) -> None:
         """Pick up blocks other processes stored in a shared medium. Default: nothing to do."""
 

@@ -61,6 +61,9 @@ class TierIO:
             raise ValueError(f"pool slots hold {pool.shape[1]} bytes but the tier's blocks are {tier.block_bytes}")
         self.tier = tier
         self._slots = pool.numpy()  # a view: one memoryview per slot, no copy
+        tier.register_memory(memoryview(self._slots.reshape(-1).data))
+        # Only a tier that can learn of other processes' blocks is worth a second look.
+        self._refreshes = type(tier).refresh is not BlockTier.refresh
         self._jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._done: list[TierResult] = []
         self._pending = 0
@@ -93,7 +96,7 @@ class TierIO:
             try:
                 if op is TierOp.READ:
                     ok = self.tier.read(keys, views)
-                    if not all(ok):
+                    if not all(ok) and self._refreshes:
                         # Blocks another process stored since this tier last looked: the
                         # scheduler's index saw them first. Look again, once, for those.
                         self.tier.refresh()

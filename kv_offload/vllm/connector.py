@@ -41,7 +41,8 @@ from kv_offload.vllm.metadata import StepPlan, TransferReport
 from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
 from kv_offload.tiers.base import BlockTier
-from kv_offload.vllm.worker import WorkerHalf, backend_spec, open_disk_tier
+from kv_offload.tiers.remote.lookup import RemoteIndex
+from kv_offload.vllm.worker import WorkerHalf, backend_spec, open_disk_tier, open_remote_tier
 
 __all__ = [
     "KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components",
@@ -175,9 +176,24 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                     self.config.disk, self.geometry.slot_bytes, self.namespace.rank_digest(0), self.world_size
                 )
                 self._refresher = _Refresher(self.disk_index, _DISK_REFRESH_SECONDS)
+            self.remote_index: RemoteIndex | None = None
+            self._remote_lookups: BlockTier | None = None
+            if self.config.remote is not None:
+                # The scheduler's own connection, for lookups only (rank 0's keys), asked on
+                # a thread of its own within the lookup budget: never on the step.
+                self._remote_lookups = open_remote_tier(
+                    self.config.remote, self.geometry.slot_bytes, self.namespace.rank_digest(0)
+                )
+                self.remote_index = RemoteIndex(self._remote_lookups, self.config.remote.lookup_budget_ms / 1000)
+                logger.info(
+                    "kv_offload: remote tier %s (key prefix %r, lookup budget %d ms, %s)",
+                    self.config.remote.shown_url, self.config.remote.prefix, self.config.remote.lookup_budget_ms,
+                    "read-write" if self.config.remote.write else "read-only",
+                )  # fmt: skip
             self.scheduler_half = SchedulerHalf(
                 self.config, manager, block_size=block_size, world_size=self.world_size,
                 namespace=self.namespace.digest, extra_keys=compat.block_extra_keys, disk=self.disk_index,
+                remote=self.remote_index, remote_write=self.config.remote is None or self.config.remote.write,
             )  # fmt: skip
             if self.config.recompute_on_load_failure and compat.use_recompute_policy(vllm_config):
                 logger.info("kv_offload: kv_load_failure_policy set to 'recompute' (a failed load recomputes)")
@@ -190,7 +206,8 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         else:
             check_components(self.config, self.geometry, self.world_size)
             rank = compat.worker_rank()
-            namespace = compat.namespace(vllm_config, self.geometry).rank_digest(rank) if self.config.disk else None
+            tiered = self.config.disk is not None or self.config.remote is not None
+            namespace = compat.namespace(vllm_config, self.geometry).rank_digest(rank) if tiered else None
             self.worker_half = WorkerHalf(
                 self.config, self.geometry, world_size=self.world_size, rank=rank, namespace=namespace
             )
@@ -268,20 +285,26 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.scheduler_half is None:
             # The scheduler half reports the jobs of every worker; a worker adds only what
-            # its own disk tier saw (evictions, checksum failures, its size), rank 0 alone.
+            # its own lower tiers saw (evictions, checksum failures, errors, reconnects, the
+            # disk's size), rank 0 alone.
             worker = self.worker_half
-            data = worker.take_tier_stats() if worker is not None and worker.rank == 0 else None
-            return KVOffloadStats(data=data) if data else None
+            tier_data = worker.take_tier_stats() if worker is not None and worker.rank == 0 else None
+            return KVOffloadStats(data=dict(tier_data)) if tier_data else None
         counters = self.scheduler_half.take_counters()
-        if not counters.any():
+        if not counters.any() and (self.remote_index is None or not self.remote_index.has_latencies()):
             return None
-        data = counters.as_dict()
+        data: dict[str, Any] = counters.as_dict()
         data.pop("flushes", None)
+        if self.remote_index is not None:
+            latencies = self.remote_index.take_latencies()
+            if latencies:
+                data["remote_lookup_seconds"] = latencies
         data["pool_used_blocks"] = self.scheduler_half.manager.num_used
         data["pool_capacity_blocks"] = self.scheduler_half.manager.num_slots
         stats = KVOffloadStats(data=data)
         totals = self.totals.aggregate(stats)
         totals.data.pop("transfers", None)
+        totals.data.pop("remote_lookup_seconds", None)
         self.totals = KVOffloadStats(data=totals.data)
         return stats
 
@@ -341,3 +364,7 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         if self.scheduler_half is not None and self.disk_index is not None:
             self._refresher.stop()
             self.disk_index.close()
+        if self.scheduler_half is not None and self.remote_index is not None:
+            self.remote_index.close()
+            assert self._remote_lookups is not None
+            self._remote_lookups.close()

@@ -30,6 +30,8 @@ class JobSpec:
     req_id: str | None = None
     #: block keys (tier jobs: what to read from or write to the tier below the pool)
     keys: tuple[bytes, ...] = ()
+    #: tier jobs: which tier below the pool ("disk", "remote")
+    tier: str = ""
 
 
 @dataclass
@@ -42,17 +44,19 @@ class StepPlan:
       ``start_load_kv`` then), their requests wait in ``WAITING_FOR_REMOTE_KVS``.
     * ``stores``: KV cache -> pool for blocks this step's forward pass fills; submitted
       from ``wait_for_save``, after the forward pass, without waiting for them.
-    * ``promotes``: disk tier -> pool slots (reserved like a store) -> KV cache, started with
-      the loads; the request waits until all of its loads and promotions are done.
-    * ``writebacks``: pool slots of completed stores -> disk tier (write-through), off the step.
+    * ``promotes``: a lower tier (disk, remote) -> pool slots (reserved like a store) -> KV
+      cache, started with the loads; the request waits until all of its loads and
+      promotions are done.
+    * ``writebacks``: pool slots of completed stores -> a lower tier (write-through), off
+      the step.
     """
 
     flush: tuple[int, ...] = ()
     loads: tuple[JobSpec, ...] = ()
     stores: tuple[JobSpec, ...] = ()
-    #: disk -> pool slots -> KV cache, for a request waiting like a load (``keys``: what to read)
+    #: lower tier -> pool slots -> KV cache, for a request waiting like a load (``keys``: what to read)
     promotes: tuple[JobSpec, ...] = ()
-    #: pool slots -> disk, for blocks whose store completed (no KV cache block is touched)
+    #: pool slots -> lower tier, for blocks whose store completed (no KV cache block is touched)
     writebacks: tuple[JobSpec, ...] = ()
 
     def is_empty(self) -> bool:

@@ -67,19 +67,41 @@ class ScheduledRequest:
 class _Kind(enum.Enum):
     LOAD = "load"
     STORE = "store"
-    #: disk -> pool -> KV cache
+    #: lower tier (disk, remote) -> pool -> KV cache
     PROMOTE = "promote"
-    #: pool -> disk
+    #: pool -> lower tier
     WRITEBACK = "writeback"
+
+#: the lower tiers, top to bottom: a block is looked up in this order below the pool
+TIER_ORDER = ("disk", "remote")
 
 
 class TierIndex(Protocol):
-    """What the scheduler asks of the tier below the pool: which blocks it holds, from
-    memory (a :class:`~kv_offload.tiers.BlockTier` is one). ``None`` means "not known yet"
+    """What the scheduler asks of a tier below the pool: which blocks it holds, without
+    waiting (the disk tier's in-memory index; the remote tier's
+    :class:`~kv_offload.tiers.remote.lookup.RemoteIndex`). ``None`` means "not known yet"
     (a lookup still in flight): the request is asked about again next step, and the step
     never waits for a slow tier."""
 
     def contains(self, keys: Sequence[bytes]) -> list[bool] | None: ...
+
+
+@dataclass
+class _LowerTier:
+    """The scheduler's view of one tier below the pool."""
+
+    name: str
+    index: TierIndex
+    #: completed stores are written through to it
+    write: bool = True
+    #: blocks our workers wrote there (the index may learn of them only later)
+    written: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: blocks whose promotion failed: never offered from this tier again by this scheduler
+    #: (a corrupt block in a live process's disk segment stays listed; offering it again
+    #: would make the request that recomputes retry the same failing promotion forever)
+    failed: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: keys whose store completed, to write through next step
+    queue: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +111,8 @@ class _Job:
     device_blocks: tuple[int, ...]
     reports: int = 0
     success: bool = True
+    #: the lower tier of a promotion or write-back
+    tier: str = ""
 
 
 @dataclass
@@ -130,17 +154,23 @@ class OffloadCounters:
     evicted_blocks: int = 0
     #: blocks dropped from the pool because a load of them failed
     invalidated_blocks: int = 0
-    #: prompt tokens served from the disk tier (also in ``hit_tokens``)
+    #: prompt tokens served from the disk / remote tier (also in ``hit_tokens``)
     disk_hit_tokens: int = 0
-    #: blocks promoted disk -> pool -> KV cache; promotions that failed (recomputed)
+    remote_hit_tokens: int = 0
+    #: blocks promoted from a lower tier -> pool -> KV cache; promotions that failed (recomputed)
     promoted_blocks: int = 0
     failed_promotes: int = 0
-    #: blocks written through to the disk tier; write-backs that failed (blocks skipped)
+    #: blocks written through to a lower tier; write-backs that failed (blocks skipped)
     written_back_blocks: int = 0
     failed_writebacks: int = 0
-    #: bytes read from the disk tier into the pool, and written to it
+    #: bytes read from the disk / remote tier into the pool, and written to it
     disk_read_bytes: int = 0
     disk_written_bytes: int = 0
+    remote_read_bytes: int = 0
+    remote_written_bytes: int = 0
+    #: the remote tier only: promotions and write-backs that failed
+    remote_failed_promotes: int = 0
+    remote_failed_writebacks: int = 0
     flushes: int = 0
     #: per finished job: (direction, bytes, seconds), for throughput histograms
     transfers: list[tuple[str, int, float]] = field(default_factory=list)
@@ -164,8 +194,12 @@ class SchedulerHalf:
             ``cache_salt``, ...): a :data:`~kv_offload.keys.ExtraKeys` function, or ``None``
             when nothing does. The facade passes vLLM's own extra keys.
         world_size: workers that each report every job (tensor/pipeline parallel ranks).
-        disk: the disk tier's index (None: DRAM only). Completed stores are written through
-            to it; a prefix the pool lacks but the disk holds is promoted through the pool.
+        disk: the disk tier's index (None: no disk tier). Completed stores are written
+            through to it; a prefix the pool lacks but the disk holds is promoted through
+            the pool.
+        remote: the remote tier's index (None: no remote tier), below the disk: the same.
+        remote_write: write completed stores through to the remote tier (false: a
+            read-only consumer of a store others fill).
     """
 
     def __init__(
@@ -178,6 +212,8 @@ class SchedulerHalf:
         extra_keys: Callable[[RequestView], ExtraKeys | None] | None = None,
         world_size: int = 1,
         disk: TierIndex | None = None,
+        remote: TierIndex | None = None,
+        remote_write: bool = True,
     ) -> None:
         if len(namespace) != DIGEST_BYTES:
             raise ValueError(f"namespace must be a {DIGEST_BYTES}-byte digest, got {len(namespace)} bytes")
@@ -188,16 +224,16 @@ class SchedulerHalf:
         self._extra_keys = extra_keys
         self.world_size = world_size
         self.disk = disk
-        #: blocks our workers wrote to the disk tier (the index learns of them only on refresh)
-        self._on_disk: OrderedDict[bytes, None] = OrderedDict()
-        #: blocks whose promotion failed: never offered from disk again by this scheduler (a
-        #: corrupt block in a live process's segment stays listed; offering it again would
-        #: make the request that recomputes retry the same failing promotion forever)
-        self._disk_failed: OrderedDict[bytes, None] = OrderedDict()
-        #: keys whose store completed, to write through to the disk tier next step
-        self._writeback_queue: list[bytes] = []
+        self.remote = remote
+        #: the lower tiers in lookup order (disk above remote)
+        self.tiers: dict[str, _LowerTier] = {}
+        if disk is not None:
+            self.tiers["disk"] = _LowerTier("disk", disk)
+        if remote is not None:
+            self.tiers["remote"] = _LowerTier("remote", remote, write=remote_write)
         self._reqs: dict[str, _ReqState] = {}
-        self._matches: dict[str, tuple[int, int, int]] = {}
+        #: request -> (first block, pool hits, hits of each lower tier in order)
+        self._matches: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         self._jobs: dict[int, _Job] = {}
         self._job_ids = itertools.count(1)
         #: device block -> store jobs still reading it
@@ -239,23 +275,33 @@ class SchedulerHalf:
             return 0, False
         keys = self.block_keys(request, limit)[start:]
         hits = self.manager.lookup(keys)
-        disk_hits = self._disk_run(keys[hits:]) if self.disk is not None else 0
-        if disk_hits is None:
-            return None, False
-        if hits + disk_hits == 0 or (hits + disk_hits) * bs < self.config.min_load_tokens:
+        total = hits
+        runs: list[int] = []
+        for tier in self.tiers.values():
+            # A lower tier is asked only for what the tiers above lack.
+            run = self._tier_run(tier, keys[total:]) if total < len(keys) else 0
+            if run is None:
+                return None, False
+            runs.append(run)
+            total += run
+        if total == 0 or total * bs < self.config.min_load_tokens:
             return 0, False
-        self._matches[request.request_id] = (start, hits, disk_hits)
-        return (hits + disk_hits) * bs, True
+        self._matches[request.request_id] = (start, hits, tuple(runs))
+        return total * bs, True
 
-    def _disk_run(self, keys: Sequence[bytes]) -> int | None:
-        """How many leading ``keys`` the disk tier holds (``None``: not known yet)."""
-        assert self.disk is not None
-        held = self.disk.contains(keys) if keys else []
+    @staticmethod
+    def _tier_run(tier: _LowerTier, keys: Sequence[bytes]) -> int | None:
+        """How many leading ``keys`` ``tier`` holds (``None``: not known yet)."""
+        n = 0
+        while n < len(keys) and keys[n] in tier.written and keys[n] not in tier.failed:
+            n += 1  # ours: known without asking
+        if n == len(keys):
+            return n
+        held = tier.index.contains(keys[n:])
         if held is None:
             return None
-        n = 0
-        for key, there in zip(keys, held):
-            if not (there or key in self._on_disk) or key in self._disk_failed:
+        for key, there in zip(keys[n:], held):
+            if not (there or key in tier.written) or key in tier.failed:
                 break
             n += 1
         return n
@@ -274,10 +320,10 @@ class SchedulerHalf:
                 f"kv_offload: request {req_id} was given {num_external_tokens} external tokens"
                 " that the pool did not offer"
             )
-        start, hits, disk_hits = match
+        start, hits, runs = match
         n = num_external_tokens // self.block_size
-        if n > hits + disk_hits:
-            raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits + disk_hits} hit")
+        if n > hits + sum(runs):
+            raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits + sum(runs)} hit")
         keys = tuple(self.block_keys(request, start + n)[start:])
         device_blocks = tuple(int(b) for b in block_ids[start : start + n])
         from_pool = min(n, hits)
@@ -286,15 +332,23 @@ class SchedulerHalf:
             job_id = next(self._job_ids)
             self._jobs[job_id] = _Job(_Kind.LOAD, keys[:from_pool], device_blocks[:from_pool])
             self._step_loads.append(JobSpec(job_id, device_blocks[:from_pool], tuple(slots), req_id))
-        if n > from_pool:
-            self._plan_promote(req_id, keys[from_pool:], device_blocks[from_pool:], state)
+        begin = from_pool
+        for tier, run in zip(self.tiers.values(), runs):
+            end = min(n, begin + run)
+            if end > begin:
+                self._plan_promote(tier.name, req_id, keys[begin:end], device_blocks[begin:end], state)
+                tokens = (end - begin) * self.block_size
+                if tier.name == "disk":
+                    self._counters.disk_hit_tokens += tokens
+                else:
+                    self._counters.remote_hit_tokens += tokens
+            begin = end
         self._counters.hit_tokens += num_external_tokens
-        self._counters.disk_hit_tokens += (n - from_pool) * self.block_size
 
     def _plan_promote(
-        self, req_id: str, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], state: _ReqState
+        self, tier: str, req_id: str, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], state: _ReqState
     ) -> None:
-        """Reserve pool slots for disk blocks and plan their promotion into ``device_blocks``.
+        """Reserve pool slots for ``tier``'s blocks and plan their promotion into ``device_blocks``.
 
         The slots are reserved like a store's (not readable until the promotion settles); the
         request's earlier blocks are kept. No room for all of them: the job carries no keys
@@ -305,11 +359,11 @@ class SchedulerHalf:
         if plan is None or plan.keys != keys:
             if plan is not None and plan.keys:
                 self.manager.complete_store(plan.keys, success=False)
-            self._jobs[job_id] = _Job(_Kind.PROMOTE, (), device_blocks)
-            self._step_promotes.append(JobSpec(job_id, device_blocks, (), req_id))
+            self._jobs[job_id] = _Job(_Kind.PROMOTE, (), device_blocks, tier=tier)
+            self._step_promotes.append(JobSpec(job_id, device_blocks, (), req_id, tier=tier))
             return
-        self._jobs[job_id] = _Job(_Kind.PROMOTE, keys, device_blocks)
-        self._step_promotes.append(JobSpec(job_id, device_blocks, plan.slots, req_id, keys))
+        self._jobs[job_id] = _Job(_Kind.PROMOTE, keys, device_blocks, tier=tier)
+        self._step_promotes.append(JobSpec(job_id, device_blocks, plan.slots, req_id, keys, tier=tier))
 
     def on_finished(self, request: RequestView) -> None:
         """``request`` finished or was aborted. Its jobs stay tracked until they settle."""
@@ -347,16 +401,19 @@ class SchedulerHalf:
         )  # fmt: skip
 
     def _plan_writebacks(self) -> tuple[JobSpec, ...]:
-        """Write completed stores through to the disk tier: their pool slots are pinned (not
-        evicted nor reused) until the write-back settles."""
-        queued, self._writeback_queue = self._writeback_queue, []
-        keys = tuple(k for k in self.manager.pinnable(dict.fromkeys(queued)) if k not in self._on_disk)
-        if not keys:
-            return ()
-        slots = self.manager.pin(keys)
-        job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(_Kind.WRITEBACK, keys, ())
-        return (JobSpec(job_id, (), tuple(slots), None, keys),)
+        """Write completed stores through to each lower tier: their pool slots are pinned
+        (not evicted nor reused) until the write-back settles."""
+        jobs = []
+        for tier in self.tiers.values():
+            queued, tier.queue = tier.queue, []
+            keys = tuple(k for k in self.manager.pinnable(dict.fromkeys(queued)) if k not in tier.written)
+            if not keys:
+                continue
+            slots = self.manager.pin(keys)
+            job_id = next(self._job_ids)
+            self._jobs[job_id] = _Job(_Kind.WRITEBACK, keys, (), tier=tier.name)
+            jobs.append(JobSpec(job_id, (), tuple(slots), None, keys, tier=tier.name))
+        return tuple(jobs)
 
     def _plan_store(self, s: ScheduledRequest) -> JobSpec | None:
         state = self._state(s.request)
@@ -411,8 +468,11 @@ class SchedulerHalf:
             job.success = job.success and outcome.success
             if outcome.success:
                 # Per-job throughput by path: load (pool -> KV cache), store, promote (disk ->
-                # pool -> KV cache, both legs), writeback (pool -> disk).
-                self._counters.transfers.append((job.kind.value, outcome.nbytes, outcome.seconds))
+                # pool -> KV cache, both legs), writeback (pool -> disk), and the same two for
+                # the remote tier.
+                # The remote tier's paths are "remote_promote" and "remote_writeback".
+                path = job.kind.value if job.tier in ("", "disk") else f"{job.tier}_{job.kind.value}"
+                self._counters.transfers.append((path, outcome.nbytes, outcome.seconds))
             if outcome.success and job.kind is not _Kind.WRITEBACK:
                 loading = job.kind is not _Kind.STORE
                 if loading:
@@ -437,41 +497,66 @@ class SchedulerHalf:
                 counters.failed_loads += 1
         elif job.kind is _Kind.PROMOTE:
             # The promoted blocks now sit in their reserved pool slots: they become pool
-            # blocks like any stored one. A failed promotion frees the slots; the disk's
-            # copy is not trusted again by this scheduler until the tier lists it anew.
+            # blocks like any stored one. A failed promotion frees the slots; the tier's
+            # copy is not trusted again by this scheduler until it is written anew.
+            tier = self.tiers[job.tier]
             if job.keys:
                 self.manager.complete_store(job.keys, job.success)
             counters.load_jobs += 1
+            nbytes = len(job.keys) * self.manager.block_bytes
             if job.success and job.keys:
                 counters.loaded_blocks += len(job.keys)
                 counters.promoted_blocks += len(job.keys)
-                counters.disk_read_bytes += len(job.keys) * self.manager.block_bytes
+                if tier.name == "disk":
+                    counters.disk_read_bytes += nbytes
+                else:
+                    counters.remote_read_bytes += nbytes
+                # Blocks promoted from the remote tier are written through to the tiers
+                # above it (a restart then finds them on disk).
+                for upper in self.tiers.values():
+                    if upper is tier:
+                        break
+                    if upper.write:
+                        upper.queue.extend(job.keys)
             else:
                 counters.failed_loads += 1
                 counters.failed_promotes += 1
+                if tier.name == "remote":
+                    counters.remote_failed_promotes += 1
                 for key in job.keys:
-                    self._on_disk.pop(key, None)
-                    self._disk_failed[key] = None
-                self._bound(self._disk_failed)
+                    tier.written.pop(key, None)
+                    tier.failed[key] = None
+                self._bound(tier.failed)
+                forget = getattr(tier.index, "forget", None)
+                if forget is not None:
+                    forget(job.keys)
         elif job.kind is _Kind.WRITEBACK:
+            tier = self.tiers[job.tier]
             self.manager.unpin(job.keys)
             if job.success:
                 counters.written_back_blocks += len(job.keys)
-                counters.disk_written_bytes += len(job.keys) * self.manager.block_bytes
+                nbytes = len(job.keys) * self.manager.block_bytes
+                if tier.name == "disk":
+                    counters.disk_written_bytes += nbytes
+                else:
+                    counters.remote_written_bytes += nbytes
                 for key in job.keys:
-                    self._on_disk[key] = None
-                    self._on_disk.move_to_end(key)
-                    self._disk_failed.pop(key, None)  # written anew from a good pool copy
-                self._bound(self._on_disk)
+                    tier.written[key] = None
+                    tier.written.move_to_end(key)
+                    tier.failed.pop(key, None)  # written anew from a good pool copy
+                self._bound(tier.written)
             else:
                 counters.failed_writebacks += 1
+                if tier.name == "remote":
+                    counters.remote_failed_writebacks += 1
         else:
             self.manager.complete_store(job.keys, job.success)
             counters.store_jobs += 1
             if job.success:
                 counters.stored_blocks += len(job.keys)
-                if self.disk is not None:
-                    self._writeback_queue.extend(job.keys)
+                for tier in self.tiers.values():
+                    if tier.write:
+                        tier.queue.extend(job.keys)
             else:
                 counters.failed_stores += 1
             for block in job.device_blocks:
@@ -506,7 +591,7 @@ class SchedulerHalf:
     @property
     def num_pending_jobs(self) -> int:
         """Jobs in flight, and write-backs queued for the next step."""
-        return len(self._jobs) + (1 if self._writeback_queue else 0)
+        return len(self._jobs) + sum(1 for tier in self.tiers.values() if tier.queue)
 
     def pending_blocks(self) -> set[int]:
         """Device blocks read by stores not yet settled."""
@@ -517,7 +602,7 @@ class SchedulerHalf:
         assert not self._jobs, f"{len(self._jobs)} jobs not settled"
         assert not self._reading, f"fences left on blocks {sorted(self._reading)[:8]}"
         assert not self._step_loads and not self._step_promotes, "loads planned but never shipped"
-        assert not self._writeback_queue, "write-backs queued but never planned"
+        assert not any(t.queue for t in self.tiers.values()), "write-backs queued but never planned"
         assert self.manager.num_reading == 0, f"{self.manager.num_reading} blocks still protected for loads"
         assert self.manager.num_writing == 0, f"{self.manager.num_writing} blocks still reserved for stores"
         self.manager.check_invariants()

@@ -27,9 +27,13 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:pool_used_blocks``             gauge: blocks held
 ``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
 ``kv_offload:pool_usage_ratio``             gauge: used / capacity
-``kv_offload:tier_*{tier}``                 per tier (``dram``, ``disk``): hit tokens, read and
-                                            written bytes, evicted and corrupt blocks (counters),
-                                            used and capacity blocks (gauges)
+``kv_offload:tier_*{tier}``                 per tier (``dram``, ``disk``, ``remote``): hit tokens,
+                                            read and written bytes, evicted and corrupt blocks,
+                                            errors and reconnects (counters), used and capacity
+                                            blocks, connected (gauges)
+``kv_offload:tier_throughput_gbps``         histogram of per-job GB/s of a lower tier, labels
+                                            ``tier`` and ``direction`` (promote, writeback)
+``kv_offload:tier_lookup_seconds``          histogram of remote lookup latency, label ``tier``
 ==========================================  =====================================================
 """
 
@@ -53,10 +57,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "stores_skipped": ("kv_offload:stores_skipped", "KV blocks not stored because the pool had no free room."),
     "invalidated_blocks": ("kv_offload:invalidated_blocks", "KV blocks dropped from the pool after a failed load."),
     "disk_hit_tokens": ("kv_offload:disk_hit_tokens", "Prompt tokens served from the disk tier (through the pool)."),
-    "promoted_blocks": ("kv_offload:promoted_blocks", "KV blocks promoted from the disk tier into the KV cache."),
-    "failed_promotes": ("kv_offload:failed_promotes", "Promotions from the disk tier that failed (recomputed)."),
-    "written_back_blocks": ("kv_offload:written_back_blocks", "KV blocks written through to the disk tier."),
-    "failed_writebacks": ("kv_offload:failed_writebacks", "Write-backs to the disk tier that failed."),
+    "remote_hit_tokens": ("kv_offload:remote_hit_tokens", "Prompt tokens served from the remote tier (through the pool)."),
+    "promoted_blocks": ("kv_offload:promoted_blocks", "KV blocks promoted from a lower tier into the KV cache."),
+    "failed_promotes": ("kv_offload:failed_promotes", "Promotions from a lower tier that failed (recomputed)."),
+    "written_back_blocks": ("kv_offload:written_back_blocks", "KV blocks written through to a lower tier."),
+    "failed_writebacks": ("kv_offload:failed_writebacks", "Write-backs to a lower tier that failed."),
 }
 #: data key -> (metric name, help text); the latest value wins
 GAUGES: dict[str, tuple[str, str]] = {
@@ -64,24 +69,41 @@ GAUGES: dict[str, tuple[str, str]] = {
     "pool_capacity_blocks": ("kv_offload:pool_capacity_blocks", "Capacity of the pool in KV blocks."),
     "disk_used_blocks": ("kv_offload:disk_used_blocks", "KV blocks held by the disk tier (rank 0)."),
     "disk_capacity_blocks": ("kv_offload:disk_capacity_blocks", "Capacity of the disk tier in KV blocks (rank 0)."),
+    "remote_connected": ("kv_offload:remote_connected", "1 while the remote store is connected (rank 0)."),
 }
 #: Per-tier families (label ``tier``): metric -> (help, {tier: how to read it from ``data``}).
-#: A reader is a data key, or a (key, minus key) pair for a difference.
-TIERED: dict[str, tuple[str, dict[str, str | tuple[str, str]]]] = {
+#: A reader is a data key, or a tuple (key, minus keys...) for a difference.
+TIERED: dict[str, tuple[str, dict[str, str | tuple[str, ...]]]] = {
     "kv_offload:tier_hit_tokens": (
         "Prompt tokens served by kv-offload, by the tier they came from.",
-        {"dram": ("hit_tokens", "disk_hit_tokens"), "disk": "disk_hit_tokens"},
+        {"dram": ("hit_tokens", "disk_hit_tokens", "remote_hit_tokens"), "disk": "disk_hit_tokens",
+         "remote": "remote_hit_tokens"},
     ),
     "kv_offload:tier_read_bytes": (
-        "Bytes read from a tier (DRAM: into the KV cache; disk: into the pool).",
-        {"dram": "loaded_bytes", "disk": "disk_read_bytes"},
+        "Bytes read from a tier (DRAM: into the KV cache; disk, remote: into the pool).",
+        {"dram": "loaded_bytes", "disk": "disk_read_bytes", "remote": "remote_read_bytes"},
     ),
     "kv_offload:tier_written_bytes": (
-        "Bytes written to a tier (DRAM: stores; disk: write-backs).",
-        {"dram": "stored_bytes", "disk": "disk_written_bytes"},
+        "Bytes written to a tier (DRAM: stores; disk, remote: write-backs).",
+        {"dram": "stored_bytes", "disk": "disk_written_bytes", "remote": "remote_written_bytes"},
     ),
     "kv_offload:tier_evicted_blocks": ("KV blocks evicted from a tier.", {"dram": "evicted_blocks", "disk": "disk_evicted_blocks"}),
-    "kv_offload:tier_corrupt_blocks": ("KV blocks that failed their checksum on a tier.", {"disk": "disk_corrupt_blocks"}),
+    "kv_offload:tier_corrupt_blocks": (
+        "KV blocks that failed their checksum or header check on a tier (each a miss, never loaded).",
+        {"disk": "disk_corrupt_blocks", "remote": "remote_corrupt_blocks"},
+    ),
+    "kv_offload:tier_failed_promotes": (
+        "Promotions from a tier that failed (the request recomputed).",
+        {"disk": ("failed_promotes", "remote_failed_promotes"), "remote": "remote_failed_promotes"},
+    ),
+    "kv_offload:tier_failed_writebacks": (
+        "Write-backs to a tier that failed (the blocks were not stored there).",
+        {"disk": ("failed_writebacks", "remote_failed_writebacks"), "remote": "remote_failed_writebacks"},
+    ),
+    "kv_offload:tier_errors": (
+        "Operations on a tier that failed because it was unreachable or too slow.", {"remote": "remote_errors"},
+    ),
+    "kv_offload:tier_reconnects": ("Times a tier's connection came back after a failure.", {"remote": "remote_reconnects"}),
 }
 #: Per-tier gauges (label ``tier``): metric -> (help, {tier: data key}).
 TIERED_GAUGES: dict[str, tuple[str, dict[str, str]]] = {
@@ -89,7 +111,14 @@ TIERED_GAUGES: dict[str, tuple[str, dict[str, str]]] = {
     "kv_offload:tier_capacity_blocks": (
         "Capacity of a tier in KV blocks.", {"dram": "pool_capacity_blocks", "disk": "disk_capacity_blocks"},
     ),
+    "kv_offload:tier_connected": ("1 while a tier's store is connected.", {"remote": "remote_connected"}),
 }
+#: transfer path -> (tier, direction) of the per-tier throughput histogram
+_TIER_PATHS = {
+    "promote": ("disk", "promote"), "writeback": ("disk", "writeback"),
+    "remote_promote": ("remote", "promote"), "remote_writeback": ("remote", "writeback"),
+}  # fmt: skip
+_LOOKUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _DIRECTED = ("load_seconds", "store_seconds", "failed_loads", "failed_stores")
 _GBPS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -111,7 +140,7 @@ class KVOffloadStats(KVConnectorStats):
         for key, value in other.data.items():
             if key in GAUGES:
                 merged[key] = value
-            elif key == "transfers":
+            elif key in ("transfers", "remote_lookup_seconds"):
                 merged[key] = list(merged.get(key, [])) + list(value)
             else:
                 merged[key] = merged.get(key, 0) + value
@@ -173,6 +202,14 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
             labelnames=directed, buckets=_GBPS_BUCKETS,
         )  # fmt: skip
         tiered = [*labelnames, "tier"]
+        self._tier_gbps = histogram(
+            name="kv_offload:tier_throughput_gbps", documentation="Throughput of each lower-tier job, GB/s.",
+            labelnames=[*tiered, "direction"], buckets=_GBPS_BUCKETS,
+        )  # fmt: skip
+        self._lookup = histogram(
+            name="kv_offload:tier_lookup_seconds", documentation="Latency of a batched remote lookup, seconds.",
+            labelnames=tiered, buckets=_LOOKUP_BUCKETS,
+        )  # fmt: skip
         self._tiered = {
             name: counter(name=name, documentation=doc, labelnames=tiered) for name, (doc, _) in TIERED.items()
         }
@@ -203,7 +240,10 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
             self._usage.labels(*labels).set(d.get("pool_used_blocks", 0) / d["pool_capacity_blocks"])
         for name, (_, tiers) in TIERED.items():
             for tier, reader in tiers.items():
-                value = d.get(reader, 0) if isinstance(reader, str) else d.get(reader[0], 0) - d.get(reader[1], 0)
+                if isinstance(reader, str):
+                    value = d.get(reader, 0)
+                else:
+                    value = d.get(reader[0], 0) - sum(d.get(k, 0) for k in reader[1:])
                 if value > 0:
                     self._tiered[name].labels(*labels, tier).inc(value)
         for name, (_, gauge_tiers) in TIERED_GAUGES.items():
@@ -220,3 +260,7 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
         for direction, nbytes, seconds in d.get("transfers", ()):
             if seconds > 0:
                 self._gbps.labels(*labels, direction).observe(nbytes / seconds / 1e9)
+                if direction in _TIER_PATHS:
+                    self._tier_gbps.labels(*labels, *_TIER_PATHS[direction]).observe(nbytes / seconds / 1e9)
+        for seconds in d.get("remote_lookup_seconds", ()):
+            self._lookup.labels(*labels, "remote").observe(seconds)

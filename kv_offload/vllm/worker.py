@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kv_offload.backends import BACKENDS, BackendSpec, StorageBackend
-from kv_offload.config import DiskConfig, OffloadConfig
+from kv_offload.config import DiskConfig, OffloadConfig, RemoteConfig
 from kv_offload.geometry import KVGeometry
 from kv_offload.transfer import Direction, TransferEngine, TransferError, TransferJob, regions_from_layers
 from kv_offload.transfer.plan import PageRegion
@@ -34,7 +34,7 @@ from kv_offload.transfer.tier_io import TierIO, TierOp
 from kv_offload.tiers.base import BlockTier
 from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferReport
 
-__all__ = ["WorkerHalf", "make_engine", "backend_spec", "open_disk_tier"]
+__all__ = ["WorkerHalf", "make_engine", "backend_spec", "open_disk_tier", "open_remote_tier"]
 
 # A child of vLLM's logger, so messages show in vLLM's log with its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -65,6 +65,15 @@ def open_disk_tier(disk: DiskConfig, block_bytes: int, namespace: bytes, world_s
     return DiskTier(disk.path, disk.capacity_bytes // world_size, namespace, block_bytes, threads=disk.threads)
 
 
+def open_remote_tier(remote: RemoteConfig, block_bytes: int, namespace: bytes) -> BlockTier:
+    """The remote tier of one worker (or the scheduler's lookup client): each worker keeps
+    its shard under its own namespace. Connects now; a store that is down is a warning,
+    and the tier reconnects in the background of its next calls."""
+    from kv_offload.tiers.remote.tier import RemoteTier
+
+    return RemoteTier(remote, namespace, block_bytes)
+
+
 def make_engine(
     regions: Sequence[PageRegion], pool: torch.Tensor, device: torch.device, num_threads: int
 ) -> TransferEngine:
@@ -88,7 +97,7 @@ class WorkerHalf:
         geometry: the KV geometry as the scheduler half sized the pool with.
         world_size, rank: this worker's place (the pool capacity is split over workers).
         namespace: this worker's 16-byte key namespace (``Namespace.rank_digest(rank)``),
-            needed with a disk tier: the tier keeps each namespace's blocks apart.
+            needed with a lower tier (disk, remote): tiers keep each namespace's blocks apart.
     """
 
     def __init__(
@@ -98,13 +107,19 @@ class WorkerHalf:
         self.config = config
         self.geometry = geometry
         self.rank = rank
-        self.tier: BlockTier | None = None
-        self._tier_seen = (0, 0)  # evictions, corruptions reported so far
+        #: the tiers below the pool, by name ("disk", "remote"), top to bottom
+        self.tiers: dict[str, BlockTier] = {}
+        #: per tier: counters already reported by take_tier_stats
+        self._tier_seen: dict[str, dict[str, int]] = {}
+        if (config.disk is not None or config.remote is not None) and namespace is None:
+            raise ValueError("kv_offload: a disk or remote tier needs the worker's key namespace")
         if config.disk is not None:
-            if namespace is None:
-                raise ValueError("kv_offload: a disk tier needs the worker's key namespace")
-            self.tier = open_disk_tier(config.disk, geometry.slot_bytes, namespace, world_size)
-        self._tier_io: TierIO | None = None
+            assert namespace is not None
+            self.tiers["disk"] = open_disk_tier(config.disk, geometry.slot_bytes, namespace, world_size)
+        if config.remote is not None:
+            assert namespace is not None
+            self.tiers["remote"] = open_remote_tier(config.remote, geometry.slot_bytes, namespace)
+        self._tier_io: dict[str, TierIO] = {}
         backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
         self.backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, rank))
         # A backend's on_stored (e.g. an msync to disk) runs off the engine step, in order.
@@ -130,8 +145,8 @@ class WorkerHalf:
         if not layers:
             raise ValueError("kv_offload: no KV cache tensors to register")
         pool = self.backend.open()
-        if self.tier is not None:
-            self._tier_io = TierIO(self.tier, pool)
+        for name, tier in self.tiers.items():
+            self._tier_io[name] = TierIO(tier, pool)
         self._layers = list(layers)
         regions = regions_from_layers(layers, self.geometry)
         engine = make_engine(regions, pool, layers[0].device, self.config.transfer_threads)
@@ -166,24 +181,26 @@ class WorkerHalf:
         for job in plan.loads:
             self._submit(job, Direction.LOAD, self._loads)
         for job in plan.promotes:
-            # First leg: disk -> the reserved pool slots, on the tier's thread; the second
+            # First leg: tier -> the reserved pool slots, on the tier's thread; the second
             # (pool -> KV cache) is submitted from poll() once the read is verified.
             self._loads[job.job_id] = job
-            if not job.keys or self._tier_io is None:  # the pool had no room for it
+            io = self._tier_io.get(job.tier)
+            if not job.keys or io is None:  # the pool had no room for it
                 self._settle(job.job_id, False, 0, 0.0, True)
             else:
-                self._tier_io.read(job.job_id, job.keys, job.slots)
+                io.read(job.job_id, job.keys, job.slots)
 
     def submit_stores(self, plan: StepPlan) -> None:
         for job in plan.stores:
             self._submit(job, Direction.STORE, self._stores)
         for job in plan.writebacks:
             self._writebacks[job.job_id] = job
-            if self._tier_io is None:
+            io = self._tier_io.get(job.tier)
+            if io is None:
                 self._outcomes.append(JobOutcome(job.job_id, False, 0, 0.0, False))
                 del self._writebacks[job.job_id]
             else:
-                self._tier_io.write(job.job_id, job.keys, job.slots)
+                io.write(job.job_id, job.keys, job.slots)
 
     def _submit(self, job: JobSpec, direction: Direction, table: dict[int, JobSpec]) -> None:
         table[job.job_id] = job
@@ -195,7 +212,7 @@ class WorkerHalf:
 
     def poll(self) -> None:
         """Collect finished jobs (never blocks)."""
-        for done in self._tier_io.poll() if self._tier_io is not None else ():
+        for done in [d for io in self._tier_io.values() for d in io.poll()]:
             if done.op is TierOp.WRITE:
                 self._writebacks.pop(done.job_id)
                 if not done.success:
@@ -255,19 +272,34 @@ class WorkerHalf:
         for layer in self._layers:
             layer.index_fill_(0, index.to(layer.device), 0)
 
+    @property
+    def tier(self) -> BlockTier | None:
+        """The disk tier (None without one)."""
+        return self.tiers.get("disk")
+
+    #: per tier: counters of its stats reported as deltas (data key suffix -> stats field)
+    _TIER_DELTAS = {"evicted_blocks": "evictions", "corrupt_blocks": "corruptions", "errors": "errors",
+                    "reconnects": "reconnects"}  # fmt: skip
+
     def take_tier_stats(self) -> dict[str, int] | None:
-        """What the disk tier saw since the last call: eviction and corruption deltas, and
-        its size (``None`` without a tier, or when nothing changed)."""
-        if self.tier is None:
+        """What the lower tiers saw since the last call: eviction, corruption, error and
+        reconnect deltas (``disk_evicted_blocks``, ``remote_errors``, ...), and gauges (the
+        disk's size, whether the remote store is connected). ``None`` without tiers."""
+        if not self.tiers:
             return None
-        st = self.tier.stats()
-        evicted, corrupt = st.evictions - self._tier_seen[0], st.corruptions - self._tier_seen[1]
-        self._tier_seen = (st.evictions, st.corruptions)
-        data = {"disk_used_blocks": st.blocks, "disk_capacity_blocks": getattr(self.tier, "capacity_blocks", 0)}
-        if evicted:
-            data["disk_evicted_blocks"] = evicted
-        if corrupt:
-            data["disk_corrupt_blocks"] = corrupt
+        data: dict[str, int] = {}
+        for name, tier in self.tiers.items():
+            st = tier.stats().__dict__
+            seen = self._tier_seen.setdefault(name, {})
+            for suffix, field_name in self._TIER_DELTAS.items():
+                if field_name in st and st[field_name] - seen.get(field_name, 0):
+                    data[f"{name}_{suffix}"] = st[field_name] - seen.get(field_name, 0)
+                    seen[field_name] = st[field_name]
+            if name == "disk":
+                data["disk_used_blocks"] = st["blocks"]
+                data["disk_capacity_blocks"] = getattr(tier, "capacity_blocks", 0)
+            elif "connected" in st:
+                data[f"{name}_connected"] = st["connected"]
         return data
 
     def take_finished_recving(self) -> set[str]:
@@ -290,19 +322,19 @@ class WorkerHalf:
 
     def shutdown(self) -> None:
         """Finish every job in flight, then release the engine and the pool."""
-        if self._tier_io is not None:
-            self._tier_io.wait_all()
+        for io in self._tier_io.values():
+            io.wait_all()
         if self.engine is not None:
             self.poll()  # promotions whose read finished go to the engine now
             self.engine.wait(list(self._loads) + list(self._stores))
             self.poll()
             self.engine.shutdown()
             self.engine = None
-        if self._tier_io is not None:
-            self._tier_io.shutdown()
-            self._tier_io = None
-        if self.tier is not None:
-            self.tier.close()
+        for io in self._tier_io.values():
+            io.shutdown()
+        self._tier_io = {}
+        for tier in self.tiers.values():
+            tier.close()
         if self._after_store is not None:
             self._after_store.shutdown(wait=True)  # every on_stored ran before the region goes
             self._after_store = None

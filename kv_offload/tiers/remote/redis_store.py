@@ -73,12 +73,12 @@ def _problem(exc: BaseException, timeout_s: float) -> str:
         return "authentication failed (wrong user or password)"
     if isinstance(exc, rex.NoPermissionError):
         return f"permission denied by the store's ACL ({text[:200]})"
+    if isinstance(exc, rex.TimeoutError) or any(isinstance(e, (TimeoutError, OSError)) and "timed out" in str(e) for e in chain):
+        return f"no answer within {timeout_s:g} s (store stalled, overloaded or unreachable)"
     if any(isinstance(e, ssl.SSLError) for e in chain) or "SSL" in text or "certificate" in text:
         reason = next((e for e in chain if isinstance(e, ssl.SSLError)), exc)
         return (f"TLS handshake failed ({str(reason)[:200]}); check tls_ca_file, tls_verify_hostname, and"
                 " tls_cert_file / tls_key_file if the server requires a client certificate")  # fmt: skip
-    if isinstance(exc, rex.TimeoutError) or any(isinstance(e, (TimeoutError, OSError)) and "timed out" in str(e) for e in chain):
-        return f"no answer within {timeout_s:g} s (store stalled, overloaded or unreachable)"
     hint = "; if the server uses TLS, use rediss://" if "reset by peer" in text or "closed by server" in text else ""
     return f"cannot connect, or the connection was lost ({text[:200]}){hint}"
 

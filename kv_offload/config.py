@@ -178,6 +178,15 @@ class RemoteConfig:
         return scheme_of(self.url)
 
     @property
+    def url_has_password(self) -> bool:
+        from urllib.parse import urlsplit
+
+        try:
+            return urlsplit(self.url).password is not None
+        except ValueError:
+            return False
+
+    @property
     def shown_url(self) -> str:
         from kv_offload.tiers.remote.url import redact
 

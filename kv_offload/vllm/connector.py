@@ -190,6 +190,12 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                     self.config.remote.shown_url, self.config.remote.prefix, self.config.remote.lookup_budget_ms,
                     "read-write" if self.config.remote.write else "read-only",
                 )  # fmt: skip
+                if self.config.remote.url_has_password:
+                    logger.warning(
+                        "kv_offload: the remote store's URL carries a password, and vLLM prints its whole"
+                        " kv-transfer-config at start-up: give it with remote.password_file or"
+                        " remote.password_env instead"
+                    )
             self.scheduler_half = SchedulerHalf(
                 self.config, manager, block_size=block_size, world_size=self.world_size,
                 namespace=self.namespace.digest, extra_keys=compat.block_extra_keys, disk=self.disk_index,

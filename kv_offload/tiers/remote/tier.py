@@ -7,9 +7,9 @@ header (:mod:`~kv_offload.tiers.remote.format`), batches go to the store in one 
 the connection is managed here, once for every store:
 
 - the store unreachable (at start-up or later) is never an error for the caller: reads are
-  misses, writes are dropped and counted, and the tier reconnects in the background of the
-  next call, with exponential backoff (0.5 s doubling up to ``reconnect_max_s``); one warning
-  per outage, one line when it is back;
+  misses, writes are dropped and counted, and the tier reconnects on a timer thread (and on
+  the first call past the wait), with exponential backoff (0.5 s doubling up to
+  ``reconnect_max_s``); one warning per outage, one line when it is back;
 - every operation is bounded by ``timeout_ms`` (the adapter's socket or RPC timeout), so a
   stalled store costs a failed job, not a stuck engine.
 
@@ -80,6 +80,7 @@ class RemoteTier(BlockTier):
         self._down_since: float | None = None
         self._stats = RemoteTierStats()
         self._closed = False
+        self._probe: threading.Timer | None = None
         try:
             self._connect()
         except StoreUnavailable:
@@ -127,6 +128,12 @@ class RemoteTier(BlockTier):
         self._stats.errors += 1
         self._stats.connected = 0
         self._next_attempt = now + self._backoff
+        if self._probe is None and not self._closed:
+            # Reconnect without waiting for traffic: the gauge and the next lookup see the
+            # store back within one backoff period.
+            self._probe = threading.Timer(self._backoff, self._try_reconnect)
+            self._probe.daemon = True
+            self._probe.start()
         self._backoff = min(self._backoff * 2, float(self.config.reconnect_max_s))
         if self._down_since is None:
             self._down_since = now
@@ -134,6 +141,14 @@ class RemoteTier(BlockTier):
                 "kv_offload: remote store %s unavailable (%s); serving from local tiers and reconnecting"
                 " with backoff (up to %d s)", self.config.shown_url, exc, self.config.reconnect_max_s,
             )  # fmt: skip
+
+    def _try_reconnect(self) -> None:
+        with self._lock:
+            self._probe = None
+        try:
+            self._connect()
+        except (StoreUnavailable, ConfigError):
+            pass  # _connect scheduled the next attempt
 
     def _failed(self, store: RemoteStore, exc: BaseException) -> None:
         """An operation on ``store`` failed at the connection level: drop it, back off."""
@@ -302,5 +317,8 @@ class RemoteTier(BlockTier):
         with self._lock:
             self._closed = True
             store, self._store = self._store, None
+            probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
         if store is not None:
             store.close()

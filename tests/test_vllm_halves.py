@@ -484,3 +484,74 @@ def test_a_tier_that_cannot_answer_yet_defers_the_request() -> None:
     assert "a" not in half._matches
     index.ready = True
     assert half.match(req, 0) == (3 * BS, True)
+
+
+@pytest.mark.parametrize("fail_chunk", [None, 1])
+def test_a_promotion_is_pipelined_chunk_by_chunk(
+    tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch, fail_chunk: int | None
+) -> None:
+    """Chunks of one block each: every chunk's copy starts once its read is verified. A chunk
+    whose read fails fails the whole promotion, and its blocks are zeroed only after every
+    copy into them ended."""
+    import glob
+    import os
+
+    from kv_offload.vllm import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "PROMOTE_CHUNK_BYTES", GEOM.slot_bytes)
+    tmp = str(tmp_path)
+    half, worker, index = _disk_halves(tmp)
+    layers = _layers()
+    worker.register(layers)
+    a = FakeRequest("a", list(range(3 * BS)))
+    half.on_alloc(a, [1, 2, 3], 0)
+    _step(half, worker, [ScheduledRequest(a, 0, 3 * BS, [1, 2, 3])])
+    _run_until_settled(half, worker)
+    expected = [t[[1, 2, 3]].clone() for t in layers]
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]
+    if fail_chunk is not None:  # corrupt the second block's body on disk
+        (dat,) = glob.glob(os.path.join(tmp, "**", "*.dat"), recursive=True)
+        with open(dat, "r+b") as f:
+            data = bytearray(f.read())
+            data[fail_chunk * GEOM.slot_bytes + 7] ^= 0xFF
+            f.seek(0)
+            f.write(data)
+    half, worker, index = _disk_halves(tmp)
+    layers2 = _layers()
+    before = [t.clone() for t in layers2]
+    worker.register(layers2)
+    submitted: list[tuple[int, ...]] = []
+    engine = worker._engine()
+    original = engine.submit
+
+    def submit(job: object) -> None:
+        submitted.append(tuple(int(b) for b in job.device_blocks))  # type: ignore[attr-defined]
+        original(job)  # type: ignore[arg-type]
+
+    engine.submit = submit  # type: ignore[method-assign]
+    b = FakeRequest("b", list(range(3 * BS)) + [7])
+    assert half.match(b, 0) == (3 * BS, True)
+    half.on_alloc(b, [5, 6, 4, 0], 3 * BS)
+    plan = _step(half, worker, [])
+    (promote,) = plan.promotes
+    _run_until_settled(half, worker)
+    assert worker.take_finished_recving() == {"b"}
+    counters = half.take_counters()
+    if fail_chunk is None:
+        assert sorted(submitted) == [(4,), (5,), (6,)]  # one copy per chunk
+        assert worker.take_invalid_blocks() == set()
+        for t, e in zip(layers2, expected):
+            assert torch.equal(t[[5, 6, 4]], e)
+        assert counters.promoted_blocks == 3
+    else:
+        assert (6,) not in submitted  # the corrupt chunk never reached the KV cache
+        assert worker.take_invalid_blocks() == {5, 6, 4}
+        for t, b0 in zip(layers2, before):
+            assert not t[[5, 6, 4]].any()  # zeroed, whatever chunks landed before
+            others = [i for i in range(t.shape[0]) if i not in (4, 5, 6)]
+            assert torch.equal(t[others], b0[others])
+        assert counters.failed_promotes == 1 and half.manager.num_used == 0
+    assert not worker._promotions and not worker._chunk_of
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]

@@ -18,7 +18,9 @@ Per step, in vLLM's call order::
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kv_offload.backends import BACKENDS, BackendSpec, StorageBackend
+from dataclasses import dataclass, field
+
 from kv_offload.config import DiskConfig, OffloadConfig, RemoteConfig
 from kv_offload.geometry import KVGeometry
 from kv_offload.transfer import Direction, TransferEngine, TransferError, TransferJob, regions_from_layers
@@ -38,6 +42,24 @@ __all__ = ["WorkerHalf", "make_engine", "backend_spec", "open_disk_tier", "open_
 
 # A child of vLLM's logger, so messages show in vLLM's log with its format.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+#: A promotion reads its blocks in chunks of about this many bytes; each chunk's copy into
+#: the KV cache starts as soon as its read is verified, while the next chunk is fetched.
+PROMOTE_CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class _Promotion:
+    """A promotion in flight: its chunks' tier reads and KV cache copies still running."""
+
+    job: JobSpec
+    started: float
+    #: chunk job id -> its slice of the promotion's blocks
+    chunks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    reads: int = 0
+    copies: int = 0
+    success: bool = True
+    nbytes: int = 0
 
 
 def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, rank: int) -> BackendSpec:
@@ -131,8 +153,11 @@ class WorkerHalf:
         self._loads: dict[int, JobSpec] = {}
         self._stores: dict[int, JobSpec] = {}
         self._writebacks: dict[int, JobSpec] = {}
-        #: promotions whose disk read finished: its seconds, added to the copy's in the report
-        self._read_seconds: dict[int, float] = {}
+        #: promotions in flight, and the promotion each chunk job belongs to
+        self._promotions: dict[int, _Promotion] = {}
+        self._chunk_of: dict[int, int] = {}
+        # Chunk job ids live far above the scheduler's (which count up from 1).
+        self._chunk_ids = itertools.count(1 << 48)
         #: request -> its loads and promotions not settled yet (it is done receiving at 0)
         self._receiving: Counter[str] = Counter()
         self._outcomes: list[JobOutcome] = []
@@ -181,14 +206,23 @@ class WorkerHalf:
         for job in plan.loads:
             self._submit(job, Direction.LOAD, self._loads)
         for job in plan.promotes:
-            # First leg: tier -> the reserved pool slots, on the tier's thread; the second
-            # (pool -> KV cache) is submitted from poll() once the read is verified.
+            # First leg: tier -> the reserved pool slots, on the tier's thread, chunk by
+            # chunk; each chunk's second leg (pool -> KV cache) is submitted from poll() once
+            # its read is verified, while the tier fetches the next chunk.
             self._loads[job.job_id] = job
             io = self._tier_io.get(job.tier)
             if not job.keys or io is None:  # the pool had no room for it
                 self._settle(job.job_id, False, 0, 0.0, True)
-            else:
-                io.read(job.job_id, job.keys, job.slots)
+                continue
+            promo = self._promotions[job.job_id] = _Promotion(job, time.perf_counter())
+            step = max(1, PROMOTE_CHUNK_BYTES // self.geometry.slot_bytes)
+            for begin in range(0, len(job.keys), step):
+                end = min(len(job.keys), begin + step)
+                chunk = next(self._chunk_ids)
+                promo.chunks[chunk] = (begin, end)
+                promo.reads += 1
+                self._chunk_of[chunk] = job.job_id
+                io.read(chunk, job.keys[begin:end], job.slots[begin:end])
 
     def submit_stores(self, plan: StepPlan) -> None:
         for job in plan.stores:
@@ -218,22 +252,59 @@ class WorkerHalf:
                 if not done.success:
                     logger.debug("kv_offload: write-back %d: %s", done.job_id, done.error)
                 self._outcomes.append(JobOutcome(done.job_id, done.success, done.nbytes, done.seconds, False))
-            elif done.success:  # promotion, second leg: pool -> KV cache
-                self._read_seconds[done.job_id] = done.seconds
-                self._submit(self._loads[done.job_id], Direction.LOAD, self._loads)
-            else:
-                logger.warning("kv_offload: promotion %d failed: %s (recomputed)", done.job_id, done.error)
-                self._settle(done.job_id, False, 0, done.seconds, True)
+                continue
+            promo = self._promotions[self._chunk_of[done.job_id]]
+            promo.reads -= 1
+            if not done.success:
+                if promo.success:
+                    logger.warning("kv_offload: promotion %d failed: %s (recomputed)", promo.job.job_id, done.error)
+                promo.success = False
+            submitted = False
+            if promo.success:  # this chunk's second leg: pool -> KV cache
+                begin, end = promo.chunks[done.job_id]
+                try:
+                    self._engine().submit(TransferJob.make(
+                        done.job_id, Direction.LOAD, promo.job.device_blocks[begin:end], promo.job.slots[begin:end]
+                    ))  # fmt: skip
+                    promo.copies += 1
+                    submitted = True
+                except TransferError as exc:
+                    logger.error("kv_offload: promotion %d rejected: %s", promo.job.job_id, exc)
+                    promo.success = False
+            if not submitted:
+                del self._chunk_of[done.job_id]
+            self._finish_promotion(promo)
         for result in self._engine().poll():
+            if result.job_id in self._chunk_of:
+                promo = self._promotions[self._chunk_of.pop(result.job_id)]
+                promo.copies -= 1
+                promo.nbytes += result.nbytes
+                if not result.success:
+                    logger.warning("kv_offload: promotion %d failed: %s (recomputed)", promo.job.job_id, result.error)
+                    promo.success = False
+                self._finish_promotion(promo)
+                continue
             if not result.success:
                 logger.warning("kv_offload: %s job %d failed: %s", result.direction.value, result.job_id, result.error)
             self._settle(result.job_id, result.success, result.nbytes, result.seconds,
                          result.direction is Direction.LOAD)  # fmt: skip
 
+    def _finish_promotion(self, promo: _Promotion) -> None:
+        """Settle a promotion once none of its chunks is read or copied any more (a failed
+        one only then: its blocks are zeroed after every copy into them ended)."""
+        if promo.reads or promo.copies:
+            return
+        job_id = promo.job.job_id
+        del self._promotions[job_id]
+        for chunk in promo.chunks:
+            self._chunk_of.pop(chunk, None)
+        # Both legs, overlapped: from submission to the last copy.
+        seconds = time.perf_counter() - promo.started
+        self._settle(job_id, promo.success, promo.nbytes if promo.success else 0, seconds, True)
+
     def _settle(self, job_id: int, success: bool, nbytes: int, seconds: float, is_load: bool) -> None:
         if is_load:
             job = self._loads.pop(job_id)
-            seconds += self._read_seconds.pop(job_id, 0.0)  # a promotion: both legs
             assert job.req_id is not None
             # Done receiving once every load and promotion of the request settled: vLLM
             # schedules it then, and its blocks must all be in place.
@@ -326,7 +397,7 @@ class WorkerHalf:
             io.wait_all()
         if self.engine is not None:
             self.poll()  # promotions whose read finished go to the engine now
-            self.engine.wait(list(self._loads) + list(self._stores))
+            self.engine.wait(list(self._loads) + list(self._stores) + list(self._chunk_of))
             self.poll()
             self.engine.shutdown()
             self.engine = None

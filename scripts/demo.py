@@ -12,6 +12,14 @@ connector, and a table compares time to first token (TTFT), tokens served by kv-
 bytes moved and copy throughput per request (round ``NR``: after the restart).
 
     .venv/bin/python scripts/demo.py [--docs 4] [--doc-tokens 2000] [--rounds 3]
+
+With ``--remote redis`` (or ``mooncake``) it shows sharing instead: it starts a store on
+127.0.0.1 and two servers with a remote tier on it (DRAM pool, no disk); the first computes
+the documents, the second, another process with nothing in common but the store, answers
+questions about them; the table compares the second server's TTFT with a server without
+kv-offload recomputing the same prompts.
+
+    .venv/bin/python scripts/demo.py --remote redis
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ class Result:
     hit_tokens: float = 0.0
     loaded_bytes: float = 0.0
     load_seconds: float = 0.0
-    #: of ``hit_tokens``, those that came from the disk tier
+    #: of ``hit_tokens``, those that came from the disk tier / the remote tier
     disk_tokens: float = 0.0
+    remote_tokens: float = 0.0
     #: asked right after the server restarted (its pool empty, its disk tier kept)
     restarted: bool = False
 
@@ -149,6 +158,7 @@ def run(server: Server, docs: list[list[int]], rounds: range, connector: bool, r
                 r.loaded_bytes = delta.get("kv_offload:loaded_bytes_total", 0.0)
                 r.load_seconds = delta.get("kv_offload:transfer_seconds_total:load", 0.0)
                 r.disk_tokens = delta.get("kv_offload:disk_hit_tokens_total", 0.0)
+                r.remote_tokens = delta.get("kv_offload:remote_hit_tokens_total", 0.0)
             results.append(r)
             print(f"  doc {i} round {rnd}: TTFT {ttft * 1e3:8.1f} ms", flush=True)
     return results
@@ -167,6 +177,73 @@ def table(with_conn: list[Result], without: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def start_store(kind: str) -> Any:
+    """A store on 127.0.0.1 for the remote demo (stopped by its ``close``)."""
+    if kind == "redis":
+        from kv_offload.testing.redis_server import RedisServer
+
+        return RedisServer().start()
+    from kv_offload.testing.mooncake_server import MooncakeServer
+
+    return MooncakeServer().start()
+
+
+def remote_demo(args: argparse.Namespace, model: Path, docs: list[list[int]], out: Path) -> None:
+    """Two servers on one store: the second answers about documents the first computed."""
+    store = start_store(args.remote)
+    print(f"[demo] {args.remote} store on {store.shown_url if hasattr(store, 'shown_url') else store.url}", flush=True)
+    # The password reaches the servers through the environment, never their command line
+    # (vLLM prints its whole kv-transfer-config at start-up).
+    remote: dict[str, Any] = {"url": store.url}
+    if args.remote == "redis":
+        remote = {"url": f"redis://127.0.0.1:{store.port}/0", "password_env": "KV_OFFLOAD_DEMO_STORE_PASSWORD"}
+        os.environ["KV_OFFLOAD_DEMO_STORE_PASSWORD"] = store.password
+    extra = {"cpu_bytes": args.cpu_bytes, "remote": remote}
+    kv_config = {
+        "kv_connector": "KVOffloadConnector", "kv_connector_module_path": "kv_offload.vllm",
+        "kv_role": "kv_both", "kv_connector_extra_config": extra,
+    }  # fmt: skip
+    try:
+        print("[demo] starting the first server (kv-offload, remote tier) ...", flush=True)
+        first = Server(model, args, out / "server-remote-first.log", kv_config)
+        try:
+            print(f"[demo] ready in {first.startup:.0f} s; it computes {args.docs} documents", flush=True)
+            computed = run(first, docs, range(1), True)
+        finally:
+            first.stop()
+        print("[demo] starting the second server (another process; only the store in common) ...", flush=True)
+        second = Server(model, args, out / "server-remote-second.log", kv_config)
+        try:
+            print(f"[demo] ready in {second.startup:.0f} s; questions about the same documents", flush=True)
+            shared = run(second, docs, range(1, 2), True)
+        finally:
+            second.stop()
+    finally:
+        store.close()
+    print("[demo] starting a server without kv-offload ...", flush=True)
+    plain = Server(model, args, out / "server-remote-without.log", None)
+    try:
+        without = run(plain, docs, range(2), False)
+    finally:
+        plain.stop()
+    print()
+    print(table(computed + shared, without))
+    pairs = list(zip(shared, without[len(docs):]))
+    summary = {
+        "store": args.remote,
+        "second_ttft_ms": round(statistics.median(a.ttft for a, _ in pairs) * 1e3, 1),
+        "recompute_ttft_ms": round(statistics.median(b.ttft for _, b in pairs) * 1e3, 1),
+        "median_speedup": round(statistics.median(b.ttft / a.ttft for a, b in pairs), 2),
+        "remote_tokens": int(sum(a.remote_tokens for a, _ in pairs)),
+        "first_ttft_ms": round(statistics.median(a.ttft for a in computed) * 1e3, 1),
+    }
+    print()
+    print(f"[demo] second server, documents the first one computed: median TTFT {summary['second_ttft_ms']} ms,"
+          f" {summary['recompute_ttft_ms']} ms recomputing: {summary['median_speedup']}x lower;"
+          f" {summary['remote_tokens']} tokens from the {args.remote} store")  # fmt: skip
+    (out / "results-remote.json").write_text(json.dumps({"summary": summary, "table": table(computed + shared, without)}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4, help="documents asked about in turn")
@@ -179,6 +256,8 @@ def main() -> None:
                         help="cores vLLM keeps off its model worker, the same for both servers")  # fmt: skip
     parser.add_argument("--model-dir", default=str(ROOT / ".cache" / "models" / "demo"))
     parser.add_argument("--out", default=str(ROOT / ".cache" / "demo"), help="logs and results")
+    parser.add_argument("--remote", choices=["redis", "mooncake"],
+                        help="show sharing through a remote tier on this store instead")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
     out = Path(args.out)
@@ -193,6 +272,9 @@ def main() -> None:
           f" {shape.num_kv_heads} KV heads, fp32 ({time.monotonic() - t:.1f} s to build/check)")  # fmt: skip
     rng = random.Random(1)
     docs = [[rng.randrange(3, 2000) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
+    if args.remote:
+        remote_demo(args, model, docs, out)
+        return
     disk = out / "disk"
     shutil.rmtree(disk, ignore_errors=True)  # start cold: blocks of an earlier run would be hits
     extra = {"cpu_bytes": args.cpu_bytes, "disk": {"path": str(disk), "bytes": args.disk_bytes}}

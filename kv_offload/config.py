@@ -211,9 +211,9 @@ class RemoteConfig:
         if "url" not in raw:
             raise ConfigError("remote.url", "is required (e.g. 'redis://127.0.0.1:6379/0' or 'mooncake://127.0.0.1:50051')")
         url = _name("remote.url", raw["url"])
-        scheme = scheme_of(url)
         if any(c in url for c in "\0\r\n") or redact(url) == "<unparsable url>":
             raise ConfigError("remote.url", "is not a valid URL")
+        scheme = scheme_of(url)
         if scheme not in STORES:
             raise ConfigError("remote.url", f"unknown store scheme {scheme!r} in {redact(url)!r}; known: {STORES.names()}")
         try:

@@ -128,3 +128,50 @@ def test_pool_larger_than_physical_memory_is_refused_at_start_up() -> None:
     with pytest.raises(ConfigError, match="cannot hold one KV block") as info:
         HostBackend(BackendSpec(capacity_bytes=100, geometry=geometry))
     assert info.value.key == "cpu_bytes"
+
+
+# -- the remote section ---------------------------------------------------------------------------
+def test_remote_section_parses_and_never_shows_the_password(tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    secret = tmp_path / "pass"  # type: ignore[operator]
+    secret.write_text("s3cret-from-file\n")
+    cfg = OffloadConfig.from_dict({"cpu_bytes": "1GiB", "remote": {
+        "url": "rediss://kvo:s3cret-in-url@127.0.0.1:6380/0", "prefix": "prod:", "lookup_budget_ms": 20,
+        "ttl_s": 3600, "password_file": str(secret)}})  # fmt: skip
+    remote = cfg.remote
+    assert remote is not None and remote.scheme == "rediss" and remote.prefix == "prod:"
+    assert remote.password == "s3cret-from-file" and remote.options == {"ttl_s": 3600}
+    assert remote.url_has_password and remote.shown_url == "rediss://***@127.0.0.1:6380/0"
+    for text in (repr(cfg), repr(remote), str(cfg)):
+        assert "s3cret" not in text
+    monkeypatch.setenv("KVO_TEST_PW", "s3cret-from-env")
+    cfg = OffloadConfig.from_dict({"cpu_bytes": "1GiB", "remote": {"url": "redis://h/0", "password_env": "KVO_TEST_PW"}})
+    assert cfg.remote is not None and cfg.remote.password == "s3cret-from-env" and not cfg.remote.url_has_password
+    assert os.environ["KVO_TEST_PW"] not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("remote", "key"),
+    [
+        ({}, "remote.url"),
+        ({"url": "ftp://h"}, "remote.url"),
+        ({"url": "redis://[::1"}, "remote.url"),
+        ({"url": "redis://h", "ttl": 5}, "remote.ttl"),
+        ({"url": "redis://h", "metadata_server": "P2PHANDSHAKE"}, "remote.metadata_server"),  # Mooncake's, not Redis's
+        ({"url": "redis://h", "lookup_budget_ms": -1}, "remote.lookup_budget_ms"),
+        ({"url": "redis://h", "timeout_ms": 0}, "remote.timeout_ms"),
+        ({"url": "redis://h", "write": "yes"}, "remote.write"),
+        ({"url": "redis://h", "prefix": "a b"}, "remote.prefix"),
+        ({"url": "redis://h", "password_env": "KVO_SURELY_NOT_SET"}, "remote.password_env"),
+        ({"url": "redis://h", "password_file": "/nonexistent/pw"}, "remote.password_file"),
+        ({"url": "redis://h", "password_file": "/dev/null", "password_env": "X"}, "remote.password_file"),
+        ({"url": "redis://h", "ttl_s": -5}, "remote.ttl_s"),
+        ({"url": "redis://h", "tls_ca_file": "/nonexistent/ca.crt"}, "remote.tls_ca_file"),
+        ("redis://h", "remote"),
+    ],
+)
+def test_remote_section_errors_name_the_key(remote: object, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        OffloadConfig.from_dict({"cpu_bytes": "1GiB", "remote": remote})
+    assert err.value.key == key, str(err.value)

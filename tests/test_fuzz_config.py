@@ -84,3 +84,53 @@ def test_any_json_value_for_any_key_is_a_config_or_a_config_error() -> None:
     assert lines == ["RETURNED"], proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = [ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN")]
     assert seen and '"parsed": 0' not in seen[0] and '"refused": 0' not in seen[0], seen
+
+
+def test_any_json_value_for_any_remote_key_is_a_config_or_a_config_error() -> None:
+    """The ``remote`` section: a valid URL of each store, then one key (the section's own,
+    each store's options, or a made-up name) set to any JSON value. A config, or a
+    ConfigError naming ``remote.<key>`` (or ``remote.url``); never another exception."""
+    proc = run_child(f"""
+        import json, math, os
+        from hypothesis import given, settings, HealthCheck, strategies as st
+        from kv_offload.config import ConfigError, OffloadConfig, _REMOTE_KEYS
+        from kv_offload.tiers.remote.redis_store import RedisStore
+
+        KEYS = sorted(set(_REMOTE_KEYS) | set(RedisStore.OPTIONS))
+        os.environ["KVO_FUZZ_PASSWORD"] = "pw"
+        ints = st.one_of(st.integers(), st.sampled_from([0, -1, 2**31, 2**64, 10**30]))
+        floats = st.one_of(st.floats(), st.sampled_from([math.nan, math.inf, 1e400]))
+        texts = st.one_of(st.text(max_size=40), st.sampled_from(["redis://[::1", "redis://h:99999/0", "KVO_FUZZ_PASSWORD",
+                                                                 "/dev/null", "/etc", "\\x00", "rediss://u:p@h/0", "64MiB"]))
+        scalars = st.one_of(st.none(), st.booleans(), ints, floats, texts)
+        values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                              st.dictionaries(texts, inner, max_size=3)), max_leaves=6)
+        # Values a key takes when it is right, so that both outcomes are seen.
+        good = st.sampled_from([1, 60, 1000, True, False, "kvo-test:", "KVO_FUZZ_PASSWORD", "/dev/null", "64MiB"])
+        values = st.one_of(good, values)
+        urls = st.sampled_from(["redis://127.0.0.1:6379/0", "rediss://u@127.0.0.1:6380/1", "valkey://h/0"])
+        seen = {{"parsed": 0, "refused": 0}}
+
+        @settings(max_examples={EXAMPLES}, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(url=urls, key=st.one_of(st.sampled_from(KEYS), texts), value=values)
+        def check(url, key, value):
+            raw = {{"cpu_bytes": "64MiB", "remote": {{"url": url, key: value}}}}
+            try:
+                cfg = OffloadConfig.from_dict(raw)
+                assert "pw" not in repr(cfg.remote) or "pw" in url + str(value)
+            except ConfigError as exc:
+                assert exc.key.startswith("remote"), exc.key
+                assert exc.key in ("remote", "remote.url", f"remote.{{key}}"[:47]) or exc.key.startswith(f"remote.{{key}}"[:40]), (exc.key, key)
+                assert len(str(exc)) < 2000
+                seen["refused"] += 1
+            else:
+                seen["parsed"] += 1
+
+        report(check)
+        print("SEEN", json.dumps(seen), flush=True)
+    """)
+    lines = child_reports(proc)
+    assert lines == ["RETURNED"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN")]
+    assert seen and '"parsed": 0' not in seen[0] and '"refused": 0' not in seen[0], seen

@@ -10,7 +10,10 @@ __all__ = ["redact", "scheme_of"]
 
 def scheme_of(url: str) -> str:
     """The URL's scheme, lower-case (``""`` when there is none)."""
-    return urlsplit(url).scheme.lower() if "://" in url else ""
+    try:
+        return urlsplit(url).scheme.lower() if "://" in url else ""
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return ""
 
 
 def redact(url: str) -> str:

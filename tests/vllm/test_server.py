@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.remote_common import store_unavailable
 from conftest import KV_CACHE_BYTES, documents
 
 pytestmark = pytest.mark.vllm
@@ -134,10 +135,23 @@ def _serve(model: Path, log: Path, cfg: dict[str, Any] | None) -> tuple[dict[str
 
 @pytest.fixture(scope="module")
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kv_offload.testing.redis_server import RedisServer
+    from kv_offload.testing.store_process import StoreStartError
+
     logs = tmp_path_factory.mktemp("server-logs")
-    # The connector's server has a disk tier too: every stored block is written through.
-    extra = {**CONNECTOR["kv_connector_extra_config"], "disk": {"path": str(logs / "disk"), "bytes": "256MiB"}}
-    with_conn, metrics = _serve(tiny_model, logs / "with.log", {**CONNECTOR, "kv_connector_extra_config": extra})
+    try:
+        store = RedisServer(password="").start()
+    except StoreStartError as exc:
+        store_unavailable(str(exc))
+        raise
+    # The connector's server has a disk tier and a remote tier too: every stored block is
+    # written through to both.
+    extra = {**CONNECTOR["kv_connector_extra_config"], "disk": {"path": str(logs / "disk"), "bytes": "256MiB"},
+             "remote": {"url": store.url}}  # fmt: skip
+    try:
+        with_conn, metrics = _serve(tiny_model, logs / "with.log", {**CONNECTOR, "kv_connector_extra_config": extra})
+    finally:
+        store.close()
     without, _ = _serve(tiny_model, logs / "without.log", None)
     yield {"with": with_conn, "without": without, "metrics": metrics}
 
@@ -170,3 +184,11 @@ def test_server_metrics_are_labelled_by_tier(served: dict[str, Any]) -> None:
     assert m.get("kv_offload:tier_capacity_blocks{dram}", 0) == m.get("kv_offload:pool_capacity_blocks", -1)
     assert m.get("kv_offload:tier_corrupt_blocks_total{disk}", -1) == 0
     assert m.get("kv_offload:transfer_throughput_gbps_count{writeback}", 0) > 0  # disk write throughput
+    # The remote tier: connected, written through, every lookup timed, nothing failed.
+    assert m.get("kv_offload:tier_written_bytes_total{remote}", 0) > 0, "stores were not written to the store"
+    assert m.get("kv_offload:tier_connected{remote}", 0) == 1
+    assert m.get("kv_offload:tier_lookup_seconds_count{remote}", 0) > 0
+    assert m.get("kv_offload:tier_throughput_gbps_count{remote}", 0) > 0
+    assert m.get("kv_offload:tier_hit_tokens_total{remote}", -1) == 0  # the pool held it all
+    for name in ("tier_corrupt_blocks_total", "tier_errors_total", "tier_failed_writebacks_total"):
+        assert m.get(f"kv_offload:{name}{{remote}}", -1) == 0, name

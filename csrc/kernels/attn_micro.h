@@ -28,6 +28,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using vf = Simd::vf;
 constexpr int W = Simd::W;
 constexpr int kDvVecs = 16 / W;  // V dims per P.V tile = 16 (head sizes are multiples of 16)
+// Vectors per register tile where the ISA has room for more: AVX-512 (32 registers) tiles
+// kRowTile rows x 4 vectors (24 accumulators), so each V (or K^T) vector load and each
+// broadcast feeds 4-6 FMAs instead of 1-6 (with 6 accumulators it was bound by loads and by
+// the FMA latency). AVX2 (16 registers) keeps its 12-accumulator tiles.
+constexpr int kWideVecs = W == 16 ? 4 : kDvVecs;
 
 // One contiguous run of KV positions [pos, pos + n) of one KV head.
 template <class KT>
@@ -249,6 +254,9 @@ static void chunk_scores(const float* q, const float* qp, int rows, int d, const
     }
   } else if (c.k_tok == 1) {
     int t = 0;
+    if constexpr (kWideVecs > 2)
+      for (; t + kWideVecs * W <= n; t += kWideVecs * W)
+        qk_dim_major_rows<KT, DC, kWideVecs>(q, rows, d, c.k + t, c.k_dim, s + t);
     for (; t + 2 * W <= n; t += 2 * W) qk_dim_major_rows<KT, DC, 2>(q, rows, d, c.k + t, c.k_dim, s + t);
     for (; t + W <= n; t += W) qk_dim_major_rows<KT, DC, 1>(q, rows, d, c.k + t, c.k_dim, s + t);
     for (; t < n; ++t)
@@ -291,7 +299,7 @@ static inline void pv_tile(const float* p, const KT* v, int64_t v_tok, int n, fl
 
 // Vectors per P.V tile when at most kMaxInPlaceRows rows share it: 3 on AVX2 (4 x 3 = 12
 // accumulators, so the FMA units do not wait on their own latency), else 16 dims' worth.
-constexpr int kPvWideVecs = W == 8 ? 3 : kDvVecs;
+constexpr int kPvWideVecs = W == 8 ? 3 : kWideVecs;
 
 template <class KT>
 static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, int dv, PrefetchCursor& pf) {
@@ -308,7 +316,14 @@ static void chunk_pv(const float* p, int rows, const Chunk<KT>& c, float* acc, i
       });
     return;
   }
-  for (int d0 = 0; d0 < dv; d0 += kDvVecs * W) {
+  int d0 = 0;
+  if constexpr (kWideVecs != kDvVecs)
+    for (; d0 + kWideVecs * W <= dv; d0 += kWideVecs * W)
+      for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
+        pv_tile<KT, decltype(rt)::value, kWideVecs>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0,
+                                                    dv, pf);
+      });
+  for (; d0 < dv; d0 += kDvVecs * W) {
     for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
       pv_tile<KT, decltype(rt)::value, kDvVecs>(p + r0 * kSStride, c.v + d0, c.v_tok, c.n, acc + r0 * dv + d0, dv,
                                                 pf);

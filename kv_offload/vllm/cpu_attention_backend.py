@@ -53,7 +53,7 @@ from kv_offload.geometry import KVGeometry, PageFormat
 
 __all__ = [
     "KVOffloadCPUAttentionBackend", "KVOffloadCPUAttentionImpl", "KVOffloadCPUMetadata",
-    "KVOffloadCPUMetadataBuilder", "STATS", "fallback_reasons",
+    "KVOffloadCPUMetadataBuilder", "STATS", "check_step_block_ids", "fallback_reasons",
 ]  # fmt: skip
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -205,21 +205,31 @@ class KVOffloadCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return meta
 
     def _check_block_ids(self, table: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Every block id a request reads this step names a block of the cache (once per step)."""
-        if not seq_lens.numel():
-            return
-        if int(seq_lens.min()) < 0:
-            raise ValueError(f"negative sequence length in {seq_lens.tolist()}")
-        needed = (seq_lens + (self.block_size - 1)) // self.block_size
-        cols = table.shape[1] if table.dim() == 2 else 0
-        if int(needed.max()) > cols:
-            raise ValueError(f"a request needs {int(needed.max())} blocks but the block table has {cols} columns")
-        used = table[:, : int(needed.max())][torch.arange(int(needed.max())) < needed[:, None]]
-        num_blocks = self._cache_blocks()
-        if used.numel() and (int(used.min()) < 0 or (num_blocks is not None and int(used.max()) >= num_blocks)):
-            raise ValueError(
-                f"block ids out of range [0, {num_blocks}): min {int(used.min())}, max {int(used.max())}"
-            )
+        check_step_block_ids(table, seq_lens, self.block_size, self._cache_blocks())
+
+
+def check_step_block_ids(table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int | None) -> None:
+    """Every block id the step's requests read names a block of the cache (once per step).
+
+    Row ``b`` of ``table`` is read up to ``ceil(seq_lens[b] / block_size)`` entries; each must
+    lie in ``[0, num_blocks)`` (``num_blocks=None``: only ``>= 0``). The kernels then skip
+    this check in every layer.
+
+    Raises:
+        ValueError: a negative length, a row too short, or an id out of range.
+    """
+    if not seq_lens.numel():
+        return
+    if int(seq_lens.min()) < 0:
+        raise ValueError(f"negative sequence length in {seq_lens.tolist()}")
+    needed = (seq_lens + (block_size - 1)) // block_size
+    most = int(needed.max())
+    cols = table.shape[1] if table.dim() == 2 else 0
+    if most > cols:
+        raise ValueError(f"a request needs {most} blocks but the block table has {cols} columns")
+    used = table[:, :most][torch.arange(most) < needed[:, None]]
+    if used.numel() and (int(used.min()) < 0 or (num_blocks is not None and int(used.max()) >= num_blocks)):
+        raise ValueError(f"block ids out of range [0, {num_blocks}): min {int(used.min())}, max {int(used.max())}")
 
 
 class KVOffloadCPUAttentionImpl(CPUAttentionBackendImpl):

@@ -230,3 +230,21 @@ def test_entry_point_is_gated_by_the_variable(monkeypatch: pytest.MonkeyPatch) -
         hook()  # idempotent
         assert AttentionBackendEnum.CPU_ATTN.get_class().__name__ == "KVOffloadCPUAttentionBackend"
     assert AttentionBackendEnum.CPU_ATTN.get_path() == vllm_path
+
+
+def test_step_block_id_check() -> None:
+    """The once-per-step check that lets every layer's kernels skip theirs."""
+    import torch
+
+    from kv_offload.vllm.cpu_attention_backend import check_step_block_ids
+
+    table = torch.tensor([[3, 9, -1], [4, -1, -1]], dtype=torch.int32)
+    check_step_block_ids(table, torch.tensor([129, 128], dtype=torch.int32), 128, 10)  # unused -1s are fine
+    with pytest.raises(ValueError, match="out of range"):
+        check_step_block_ids(table, torch.tensor([129, 128], dtype=torch.int32), 128, 9)
+    with pytest.raises(ValueError, match="out of range"):
+        check_step_block_ids(table, torch.tensor([1, 129], dtype=torch.int32), 128, 10)
+    with pytest.raises(ValueError, match="columns"):
+        check_step_block_ids(table, torch.tensor([400, 1], dtype=torch.int32), 128, 10)
+    with pytest.raises(ValueError, match="negative"):
+        check_step_block_ids(table, torch.tensor([-1, 1], dtype=torch.int32), 128, 10)

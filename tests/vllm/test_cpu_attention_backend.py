@@ -248,3 +248,66 @@ def test_step_block_id_check() -> None:
         check_step_block_ids(table, torch.tensor([400, 1], dtype=torch.int32), 128, 10)
     with pytest.raises(ValueError, match="negative"):
         check_step_block_ids(table, torch.tensor([-1, 1], dtype=torch.int32), 128, 10)
+
+
+def test_openai_server_multiprocess(tiny_model: Path, tmp_path: Path) -> None:
+    """The OpenAI server in vLLM's default multi-process mode: the variable set in the server's
+    environment reaches the engine process, whose plugin hook installs the backend (its log
+    line comes from there), and the completions equal vLLM's own backend token for token."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import KV_CACHE_BYTES
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = dict(os.environ, KV_OFFLOAD_CPU_ATTENTION="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-batched-tokens", "128",
+    ]  # fmt: skip
+    log = tmp_path / "server.log"
+    docs = documents(2, 400, seed=21)
+    served: list[list[int]] = []
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "server not ready in time"
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(1)
+            for doc in docs:
+                body = {"model": str(tiny_model), "prompt": doc, "max_tokens": 8, "temperature": 0.0,
+                        "ignore_eos": True, "logprobs": 1, "return_tokens_as_token_ids": True}  # fmt: skip
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    tokens = json.load(resp)["choices"][0]["logprobs"]["tokens"]
+                served.append([int(t.split(":", 1)[1]) for t in tokens])
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    active = [ln for ln in log.read_text().splitlines() if "CPU attention backend active" in ln]
+    assert len(active) == 1 and f"pid={proc.pid})" not in active[0], active
+
+    def work(llm: Any) -> Result:
+        return _collect(llm.generate([prompt(d) for d in docs], _sampling(8), use_tqdm=False))
+
+    theirs, _, _ = _run(tiny_model, False, work)
+    assert served == [r[0] for r in theirs]

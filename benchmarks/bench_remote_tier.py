@@ -109,7 +109,7 @@ class MooncakeKit:
         self.url = self.server.url
         # The adapter's own client object is Mooncake's: the baseline calls it directly.
         self._adapter = MooncakeStore(self.url, MooncakeStore.check_options({}), timeout_s=10.0)
-        self.client = self._adapter.client
+        self.client = self._adapter._client.handle
         self._registered: list[np.ndarray] = []
 
     def config(self) -> dict[str, Any]:
@@ -138,7 +138,7 @@ class MooncakeKit:
         self.client.batch_is_exist(names)
 
     def clear(self) -> None:
-        self.client.remove_all()
+        self.client.remove_all(True)  # force: values read in the last seconds are leased
 
     def close(self) -> None:
         self._adapter.close()
@@ -167,7 +167,7 @@ def bench_size(kit: Any, bs: int, total: int, batch: int, repeat: int) -> dict[s
         tier.register_memory(memoryview(src.reshape(-1).data))
         tier.register_memory(memoryview(dst.reshape(-1).data))
         for r in range(repeat):
-            keys = _keys(n, r)
+            keys = _keys(n, r + 1000 * bs.bit_length())  # never a key of another size or run
             names = [store_key("bench:", NS, k) for k in keys]
             spans = [(i, min(n, i + per_batch)) for i in range(0, n, per_batch)]
 

@@ -8,7 +8,8 @@ first, so hits must come from the store), ``then`` (after the prompts, drain, cr
 ``then`` names and wait for the file ``<then>.go``: the test changes the store meanwhile) and
 ``timed`` (record how long each scheduler step took). Prints one line ``RESULT {...}``: per
 phase the tokens, ``num_cached_tokens`` and the connector's counters of that phase; the
-worker's tier stats; the longest scheduler step of timed phases.
+worker's tier stats; the store's names of the blocks it wrote; the longest scheduler step
+of timed phases.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def main() -> None:
         connector.scheduler_half.check_settled()
         worker = get_kv_transfer_group().worker_half
         result["tier_stats"] = {name: tier.stats().__dict__ for name, tier in worker.tiers.items()}
+        from kv_offload.tiers.remote.format import store_key
+
+        written = connector.scheduler_half.tiers["remote"].written
+        ns = connector.namespace.rank_digest(0)
+        result["remote_names"] = [store_key(connector.config.remote.prefix, ns, k) for k in written]
     print("RESULT " + json.dumps(result), flush=True)
     del llm
 

@@ -109,9 +109,10 @@ class Store:
         section.update(extra)
         return section
 
-    def tamper(self, prefix: str = "kvo:") -> int:
-        """Overwrite every value of the tier with bytes of the same length, through the
-        store's own client; returns how many."""
+    def tamper(self, names: list[str], prefix: str = "kvo:") -> int:
+        """Overwrite every value of the tier (Redis: every key under ``prefix``; Mooncake,
+        which cannot list keys: ``names``) with bytes of the same length, one byte flipped,
+        through the store's own client; returns how many."""
         if self.kind == "redis":
             import redis
 
@@ -123,7 +124,21 @@ class Store:
                 r.set(name, bytes(value))
             r.close()
             return len(names)
-        return int(self.server.tamper_all(prefix))
+        from kv_offload.tiers.remote.mooncake_store import MooncakeStore
+
+        adapter = MooncakeStore(self.server.url, MooncakeStore.check_options({}), timeout_s=5.0)
+        client = adapter._client.handle  # Mooncake's own MooncakeDistributedStore
+        done = 0
+        for name in names:
+            value = bytearray(client.get(name))
+            if not value:
+                continue
+            value[len(value) // 2] ^= 0x5A
+            assert client.remove(name, True) == 0
+            assert client.put(name, bytes(value)) == 0
+            done += 1
+        adapter.close()
+        return done
 
     def close(self) -> None:
         self.server.close()
@@ -212,9 +227,11 @@ def test_a_second_instance_serves_what_the_first_computed_through_faults(
 def test_tampered_values_are_misses_and_outputs_match_recompute(
     store: Store, baseline: dict[str, Any], tiny_model: Path
 ) -> None:
-    base = {"model": str(tiny_model), "max_tokens": 8, "remote": store.remote()}
-    child({**base, "phases": [{"prompts": turn(0)}]}, password=store.password)  # the store holds the documents
-    tampered = store.tamper()
+    # A prefix of its own: the writer finds nothing from the other test and writes it all.
+    base = {"model": str(tiny_model), "max_tokens": 8, "remote": store.remote(prefix="tamper:")}
+    writer = child({**base, "phases": [{"prompts": turn(0)}]}, password=store.password)
+    assert len(writer["remote_names"]) >= 3 * (FULL // BLOCK)
+    tampered = store.tamper(writer["remote_names"], prefix="tamper:")
     assert tampered >= 3 * (FULL // BLOCK)
     result = child({**base, "phases": [{"prompts": turn(6)}]}, password=store.password)
     (phase,) = result["phases"]

@@ -466,3 +466,26 @@ def test_cli_prints_a_redacted_url_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_exists_without_script_rights_falls_back_to_a_pipeline(server: RedisServer) -> None:
+    """A deployment's ACL user may lack EVAL/EVALSHA: lookups still answer, key by key."""
+    import redis
+
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("ACL", "SETUSER", "noscript", "on", ">noscript-pw", "~*", "+get", "+set", "+exists",
+                          "+unlink", "+ping", "+hello", "+client")  # fmt: skip
+    held = _keys(3)
+    full = RedisStore(server.url, {}, timeout_s=TIMEOUT_S)
+    limited = RedisStore(f"redis://noscript@127.0.0.1:{server.port}/0", {}, timeout_s=TIMEOUT_S, password="noscript-pw")
+    try:
+        assert full.put(held[:2], _values(2, 4096)) == [True, True]
+        assert full.exists(held) == [True, True, False] and full._script_ok  # one script call
+        assert limited.exists(held) == [True, True, False]
+        assert not limited._script_ok  # refused once (NOPERM), the pipeline from then on
+        assert limited.exists(held[1:]) == [True, False]
+    finally:
+        full.close()
+        limited.close()
+        admin.execute_command("ACL", "DELUSER", "noscript")
+        admin.close()

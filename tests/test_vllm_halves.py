@@ -555,3 +555,58 @@ def test_a_promotion_is_pipelined_chunk_by_chunk(
     assert not worker._promotions and not worker._chunk_of
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]
+
+
+class _HeldIndex:
+    """A lower tier's index that holds a fixed set of keys (answers at once)."""
+
+    def __init__(self, held: set[bytes]) -> None:
+        self.held = held
+        self.asked: list[int] = []
+
+    def contains(self, keys: "list[bytes]") -> list[bool]:
+        self.asked.append(len(keys))
+        return [k in self.held for k in keys]
+
+
+def test_lookups_go_down_the_tiers_and_a_failed_remote_block_is_retried_later() -> None:
+    from kv_offload.vllm import scheduler as scheduler_mod
+
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    half = SchedulerHalf(config, OffloadManager(16, LRUPolicy(16)), block_size=BS,
+                         disk=_HeldIndex(set()), remote=_HeldIndex(set()))  # fmt: skip
+    req = FakeRequest("a", list(range(6 * BS)) + [1])
+    keys = half.block_keys(req, 6)
+    disk, remote = half.tiers["disk"].index, half.tiers["remote"].index
+    disk.held, remote.held = {keys[2], keys[3]}, set(keys)  # type: ignore[attr-defined]
+    half.on_report(_ok(_prefill(half, FakeRequest("p", list(range(2 * BS))), [7, 8])))  # the pool: blocks 0-1
+    assert half.match(req, 0) == (6 * BS, True)
+    assert half._matches["a"][1:] == (2, (2, 2))  # pool 2, disk 2, remote 2
+    assert disk.asked[-1] == 4 and remote.asked[-1] == 2  # each asked only for what the ones above lack  # type: ignore[attr-defined]
+    half.on_alloc(req, [1, 2, 3, 4, 5, 6, 9], 6 * BS)
+    plan = half.build_plan([])
+    assert [(p.tier, len(p.keys)) for p in plan.promotes] == [("disk", 2), ("remote", 2)]
+    assert len(plan.loads) == 1 and plan.loads[0].device_blocks == (1, 2)
+    (remote_job,) = [p for p in plan.promotes if p.tier == "remote"]
+    outcomes = [JobOutcome(j.job_id, j is not remote_job, 0, 0.01, True) for j in plan.loads + plan.promotes]
+    half.on_report(TransferReport(outcomes))
+    counters = half.take_counters()
+    assert counters.remote_hit_tokens == 2 * BS and counters.disk_hit_tokens == 2 * BS
+    assert counters.remote_failed_promotes == 1 and counters.promoted_blocks == 2
+    # The disk's promoted blocks are pool blocks now; the failed remote ones are refused ...
+    assert half.match(FakeRequest("b", list(range(6 * BS)) + [2]), 0) == (4 * BS, True)
+    # ... for a while only: the store may have been down, or another instance writes them again.
+    assert half.tiers["remote"].failed_ttl_s == scheduler_mod.REMOTE_RETRY_S > 0
+    half.tiers["remote"].failed_ttl_s = 0.001  # as if REMOTE_RETRY_S had passed
+    time.sleep(0.01)
+    c = FakeRequest("c", list(range(6 * BS)) + [3])
+    assert half.match(c, 0) == (6 * BS, True)
+    assert half._matches["c"][1:] == (4, (0, 2))
+    half.on_alloc(c, [10, 11, 12, 13, 14, 15, 9], 6 * BS)
+    plan = half.build_plan([])
+    (promote,) = plan.promotes
+    assert promote.tier == "remote" and promote.keys == tuple(keys[4:6])
+    half.on_report(TransferReport([JobOutcome(j.job_id, True, 0, 0.01, True) for j in plan.loads + plan.promotes]))
+    # Blocks promoted from the remote tier are written through to the disk above it.
+    plan = half.build_plan([])
+    assert [(w.tier, w.keys) for w in plan.writebacks] == [("disk", tuple(keys[4:6]))]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class _Kind(enum.Enum):
 
 #: the lower tiers, top to bottom: a block is looked up in this order below the pool
 TIER_ORDER = ("disk", "remote")
+#: seconds before a block whose promotion from the remote tier failed is offered again
+REMOTE_RETRY_S = 30.0
 
 
 class TierIndex(Protocol):
@@ -96,10 +99,23 @@ class _LowerTier:
     write: bool = True
     #: blocks our workers wrote there (the index may learn of them only later)
     written: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    #: blocks whose promotion failed: never offered from this tier again by this scheduler
-    #: (a corrupt block in a live process's disk segment stays listed; offering it again
-    #: would make the request that recomputes retry the same failing promotion forever)
-    failed: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: blocks whose promotion failed -> when: not offered from this tier again by this
+    #: scheduler (a corrupt block in a live process's disk segment stays listed; offering it
+    #: again would make the request that recomputes retry the same failing promotion forever)
+    failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    #: how long a failed block stays refused (None: for good). The remote tier's failures
+    #: are mostly outages, and another instance may store the block again: it is asked
+    #: about again after a while.
+    failed_ttl_s: float | None = None
+
+    def refuses(self, key: bytes) -> bool:
+        when = self.failed.get(key)
+        if when is None:
+            return False
+        if self.failed_ttl_s is not None and time.monotonic() - when > self.failed_ttl_s:
+            del self.failed[key]
+            return False
+        return True
     #: keys whose store completed, to write through next step
     queue: list[bytes] = field(default_factory=list)
 
@@ -230,7 +246,7 @@ class SchedulerHalf:
         if disk is not None:
             self.tiers["disk"] = _LowerTier("disk", disk)
         if remote is not None:
-            self.tiers["remote"] = _LowerTier("remote", remote, write=remote_write)
+            self.tiers["remote"] = _LowerTier("remote", remote, write=remote_write, failed_ttl_s=REMOTE_RETRY_S)
         self._reqs: dict[str, _ReqState] = {}
         #: request -> (first block, pool hits, hits of each lower tier in order)
         self._matches: dict[str, tuple[int, int, tuple[int, ...]]] = {}
@@ -293,7 +309,7 @@ class SchedulerHalf:
     def _tier_run(tier: _LowerTier, keys: Sequence[bytes]) -> int | None:
         """How many leading ``keys`` ``tier`` holds (``None``: not known yet)."""
         n = 0
-        while n < len(keys) and keys[n] in tier.written and keys[n] not in tier.failed:
+        while n < len(keys) and keys[n] in tier.written and not tier.refuses(keys[n]):
             n += 1  # ours: known without asking
         if n == len(keys):
             return n
@@ -301,7 +317,7 @@ class SchedulerHalf:
         if held is None:
             return None
         for key, there in zip(keys[n:], held):
-            if not (there or key in tier.written) or key in tier.failed:
+            if not (there or key in tier.written) or tier.refuses(key):
                 break
             n += 1
         return n
@@ -525,7 +541,7 @@ class SchedulerHalf:
                     counters.remote_failed_promotes += 1
                 for key in job.keys:
                     tier.written.pop(key, None)
-                    tier.failed[key] = None
+                    tier.failed[key] = time.monotonic()
                 self._bound(tier.failed)
                 forget = getattr(tier.index, "forget", None)
                 if forget is not None:
@@ -566,7 +582,7 @@ class SchedulerHalf:
                     if not readers:
                         del self._reading[block]
 
-    def _bound(self, keys: OrderedDict[bytes, None]) -> None:
+    def _bound(self, keys: "OrderedDict[bytes, Any]") -> None:
         while len(keys) > max(1024, 4 * self.manager.num_slots):
             keys.popitem(last=False)
 

@@ -126,7 +126,8 @@ class Store:
             return len(names)
         from kv_offload.tiers.remote.mooncake_store import MooncakeStore
 
-        adapter = MooncakeStore(self.server.url, MooncakeStore.check_options({}), timeout_s=5.0)
+        # get and put of bytes go through the client's own buffer, which is off by default
+        adapter = MooncakeStore(self.server.url, MooncakeStore.check_options({"local_buffer_size": "64MiB"}), timeout_s=5.0)
         client = adapter._client.handle  # Mooncake's own MooncakeDistributedStore
         done = 0
         for name in names:

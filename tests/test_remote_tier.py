@@ -235,3 +235,25 @@ def test_lookups_run_off_the_caller_and_answer_within_the_budget(server: RedisSe
         server.resume()
         index.close()
         tier.close()
+
+
+def test_stats_never_wait_for_a_connection_attempt(server: RedisServer) -> None:
+    """``stats`` runs on the engine step (the worker's connector stats): a reconnection that
+    waits on a stalled store must not hold it."""
+    import threading
+
+    tier = RemoteTier(_config(server.url), NS, BLOCK)
+    try:
+        server.pause()
+        assert tier.contains(_keys(1)) == [False]  # fails after the timeout: now down
+        time.sleep(0.6)  # past the first backoff: the next call tries to connect (and waits)
+        attempt = threading.Thread(target=tier.contains, args=(_keys(1),))
+        attempt.start()
+        time.sleep(0.1)  # the attempt is waiting on the stalled store now
+        t0 = time.monotonic()
+        st = tier.stats()
+        assert time.monotonic() - t0 < 0.05 and st.connected == 0
+        attempt.join()
+    finally:
+        server.resume()
+        tier.close()

@@ -72,7 +72,10 @@ class RemoteTier(BlockTier):
         super().__init__(namespace, block_bytes)
         self.config = config
         self._factory = store_factory or self._default_factory
+        #: guards the fields below; never held across I/O (``stats`` runs on the engine step)
         self._lock = threading.Lock()
+        #: one connection attempt at a time (held across the attempt, by I/O threads only)
+        self._connecting = threading.Lock()
         self._store: RemoteStore | None = None
         self._memory: list[memoryview] = []
         self._next_attempt = 0.0
@@ -92,25 +95,49 @@ class RemoteTier(BlockTier):
         return adapter(cfg.url, cfg.options, timeout_s=cfg.timeout_ms / 1000, password=cfg.password)
 
     # -- connection ----------------------------------------------------------------------
-    def _connect(self) -> RemoteStore:
-        """The connected adapter, connecting if it is time to try (else ``StoreUnavailable``)."""
+    def _ready(self) -> RemoteStore | None:
+        """The connected adapter, ``None`` if it is time to try connecting, else raises."""
         with self._lock:
             if self._store is not None:
                 return self._store
             if self._closed:
                 raise StoreUnavailable("the remote tier is closed")
-            now = time.monotonic()
-            if now < self._next_attempt:
+            if time.monotonic() < self._next_attempt:
                 raise StoreUnavailable("the remote store is down; waiting to reconnect")
+            return None
+
+    def _connect(self) -> RemoteStore:
+        """The connected adapter, connecting if it is time to try (else ``StoreUnavailable``).
+
+        The attempt (up to ``timeout_ms``) runs without ``_lock``: ``stats`` and the other
+        callers that only read counters never wait for a store that does not answer."""
+        store = self._ready()
+        if store is not None:
+            return store
+        with self._connecting:
+            store = self._ready()  # another thread may have connected meanwhile
+            if store is not None:
+                return store
+            with self._lock:
+                memory = list(self._memory)
             try:
                 store = self._factory()
-                for buffer in self._memory:
+                for buffer in memory:
                     store.register_memory(buffer)
             except (StoreUnavailable, OSError, RuntimeError) as exc:
-                self._note_down(exc, now)
+                with self._lock:
+                    self._note_down(exc, time.monotonic())
                 raise StoreUnavailable(str(exc)) from None
             except (ValueError, TypeError) as exc:  # a bad option the config check missed
                 raise ConfigError("remote", str(exc)) from None
+            return self._connected(store)
+
+    def _connected(self, store: RemoteStore) -> RemoteStore:
+        with self._lock:
+            if self._closed:
+                store.close()
+                raise StoreUnavailable("the remote tier is closed")
+            now = time.monotonic()
             self._store = store
             self._stats.connected = 1
             if self._down_since is not None:
@@ -153,15 +180,17 @@ class RemoteTier(BlockTier):
     def _failed(self, store: RemoteStore, exc: BaseException) -> None:
         """An operation on ``store`` failed at the connection level: drop it, back off."""
         with self._lock:
-            if self._store is store:
+            ours = self._store is store
+            if ours:
                 self._store = None
-                try:
-                    store.close()
-                except Exception:  # closing a broken connection may fail too; nothing to keep
-                    pass
                 self._note_down(exc, time.monotonic())
             else:
                 self._stats.errors += 1
+        if ours:
+            try:
+                store.close()  # outside the lock: closing may wait on the network
+            except Exception:  # closing a broken connection may fail too; nothing to keep
+                pass
 
     @property
     def connected(self) -> bool:

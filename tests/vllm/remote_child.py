@@ -44,6 +44,26 @@ def _timed_schedule(llm: Any, durations: list[float]) -> None:
     scheduler.schedule = schedule
 
 
+def _timed_worker_hooks(durations: list[float]) -> None:
+    """Record the duration of every call of the worker connector's per-step hooks (what the
+    engine's step runs of kv-offload besides the forward pass)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    worker = get_kv_transfer_group()
+    for name in ("start_load_kv", "wait_for_save", "get_finished", "get_kv_connector_stats",
+                 "build_connector_worker_meta", "get_block_ids_with_load_errors"):  # fmt: skip
+        original = getattr(worker, name)
+
+        def hook(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                durations.append(time.perf_counter() - t0)
+
+        setattr(worker, name, hook)
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     faulthandler.dump_traceback_later(spec.get("watchdog", 300), exit=True)
@@ -57,6 +77,9 @@ def main() -> None:
         connector = compat.scheduler_connector(llm)
     durations: list[float] = []
     _timed_schedule(llm, durations)
+    hooks: list[float] = []
+    if connector is not None:
+        _timed_worker_hooks(hooks)
     phases = []
     for phase in spec["phases"]:
         if phase.get("reset"):
@@ -65,6 +88,7 @@ def main() -> None:
             connector.get_kv_connector_stats()  # start the phase's counters from zero
             connector.totals = type(connector.totals)()
         durations.clear()
+        hooks.clear()
         outs = []
         for ids in phase["prompts"]:
             (res,) = llm.generate([prompt(ids)], greedy(spec["max_tokens"]), use_tqdm=False)
@@ -73,6 +97,7 @@ def main() -> None:
         if phase.get("timed"):
             record["max_step_s"] = max(durations, default=0.0)
             record["steps"] = len(durations)
+            record["max_hook_s"] = max(hooks, default=0.0)
         if connector is not None:
             from kv_offload.vllm import compat
 

@@ -6,7 +6,8 @@ vLLM alone.
 Per store: (a) two vLLM instances, two processes and no shared disk: the second serves the
 documents the first computed; (b) the store killed mid-run: every request completes with the
 right tokens, and hits resume once it is back, with no restart; (c) the store stalled
-(SIGSTOP): requests complete and no scheduler step waits past the lookup budget; (d) values
+(SIGSTOP): requests complete, and neither a scheduler step nor a worker-side connector hook
+waits past the lookup budget; (d) values
 overwritten through the store's own client: outputs as recompute, corruptions counted.
 Redis also: (e) a wrong password is a start-up warning, never a crash.
 """
@@ -221,6 +222,7 @@ def test_a_second_instance_serves_what_the_first_computed_through_faults(
     # (c) the store stalled: requests complete, no scheduler step waits past the budget.
     assert tokens(slow) == baseline[5]
     assert slow["max_step_s"] < BUDGET_MS / 1000, slow["max_step_s"]
+    assert slow["max_hook_s"] < BUDGET_MS / 1000, slow["max_hook_s"]  # nor any worker-side hook
     if store.kind == "redis":  # no credential in any log line, vLLM's included
         assert store.server.user_password not in result["log"] and store.server.password not in result["log"]
 

@@ -225,6 +225,15 @@ static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, 
           Simd::transpose8_store(rows8, kbuf + static_cast<size_t>(i) * kChunk + t0, kChunk);
         }
     }
+  } else if constexpr (W == 16) {  // AVX-512: 16x16 transposes (head sizes are multiples of 16)
+    if (c.k_dim == 1) {
+      for (; t0 + 16 <= n; t0 += 16)
+        for (int i = 0; i < d; i += 16) {
+          vf rows16[16];
+          for (int j = 0; j < 16; ++j) rows16[j] = Simd::load_cvt(c.k + (t0 + j) * c.k_tok + i);
+          Simd::transpose16_store(rows16, kbuf + static_cast<size_t>(i) * kChunk + t0, kChunk);
+        }
+    }
   }
   for (int t = t0; t < n; ++t)
     for (int i = 0; i < d; ++i) kbuf[static_cast<size_t>(i) * kChunk + t] = to_f32(c.k[t * c.k_tok + i * c.k_dim]);

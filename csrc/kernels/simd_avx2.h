@@ -50,6 +50,7 @@ struct Simd {
     _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
   }
   // Transposes an 8x8 tile: column i of `in` goes to dst + i * stride.
+  static inline void transpose16_store(const vf*, float*, int64_t) {}  // only used when W == 16
   static inline void transpose8_store(const vf* in, float* dst, int64_t stride) {
     __m256 t0 = _mm256_unpacklo_ps(in[0], in[1]), t1 = _mm256_unpackhi_ps(in[0], in[1]);
     __m256 t2 = _mm256_unpacklo_ps(in[2], in[3]), t3 = _mm256_unpackhi_ps(in[2], in[3]);

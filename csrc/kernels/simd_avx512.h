@@ -44,6 +44,31 @@ struct Simd {
     for (int i = 0; i < 8; ++i) out[i] = hsum(v[i]);
   }
   static inline void transpose8_store(const vf*, float*, int64_t) {}  // only used when W == 8
+  // 16 rows of 16 floats -> 16 columns, column c stored at dst + c * stride: unpack pairs of
+  // rows, shuffle 4x4 blocks inside 128-bit lanes, then move the 128-bit lanes across.
+  static inline void transpose16_store(const vf* r, float* dst, int64_t stride) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // u[i + k]: rows i..i+3 of columns k, k+4, k+8, k+12
+      u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+      u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m512 a = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);   // cols k, k+8 of rows 0-7
+      const __m512 b = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);   // cols k+4, k+12 of rows 0-7
+      const __m512 c = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);  // cols k, k+8 of rows 8-15
+      const __m512 e = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);  // cols k+4, k+12 of rows 8-15
+      _mm512_storeu_ps(dst + k * stride, _mm512_shuffle_f32x4(a, c, 0x88));
+      _mm512_storeu_ps(dst + (k + 8) * stride, _mm512_shuffle_f32x4(a, c, 0xDD));
+      _mm512_storeu_ps(dst + (k + 4) * stride, _mm512_shuffle_f32x4(b, e, 0x88));
+      _mm512_storeu_ps(dst + (k + 12) * stride, _mm512_shuffle_f32x4(b, e, 0xDD));
+    }
+  }
   static inline vf exp2(vf x) {
     __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-125.0f)), _mm512_set1_ps(127.0f));

@@ -32,6 +32,7 @@ struct Simd {
     vst1q_f32(out, vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])));
     vst1q_f32(out + 4, vpaddq_f32(vpaddq_f32(v[4], v[5]), vpaddq_f32(v[6], v[7])));
   }
+  static inline void transpose16_store(const vf*, float*, int64_t) {}  // only used when W == 16
   static inline void transpose8_store(const vf*, float*, int64_t) {}  // only used when W == 8
   static inline vf exp2(vf x) {
     uint32x4_t keep = vcgeq_f32(x, vdupq_n_f32(-125.0f));

@@ -31,6 +31,7 @@ struct Simd {
     const vf v[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
     for (int i = 0; i < 8; ++i) out[i] = v[i];
   }
+  static inline void transpose16_store(const vf*, float*, int64_t) {}  // only used when W == 16
   static inline void transpose8_store(const vf*, float*, int64_t) {}  // only used when W == 8
   static inline vf exp2(vf x) { return x < -125.0f ? 0.0f : std::exp2(x); }
   static inline vf load_cvt(const float* p) { return *p; }

@@ -215,15 +215,20 @@ def engine_core(llm: Any) -> Any:
         raise RuntimeError("the engine core is only reachable with VLLM_ENABLE_V1_MULTIPROCESSING=0") from exc
 
 
-def drain(llm: Any, max_steps: int = 10_000) -> None:
-    """Step an idle in-process engine until its connector has no job in flight."""
+def drain(llm: Any, timeout_s: float = 300.0) -> None:
+    """Step an idle in-process engine until its connector has no job in flight.
+
+    Bounded by time, not steps: an idle step takes microseconds, while a tier job waiting on
+    a store that went away takes up to its timeout."""
+    import time
+
     connector = scheduler_connector(llm)
-    steps = 0
+    deadline = time.monotonic() + timeout_s
     while connector.has_pending_push_work():
         llm.llm_engine.step()
-        steps += 1
-        if steps > max_steps:
-            raise RuntimeError("kv_offload: jobs did not settle")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"kv_offload: jobs did not settle within {timeout_s:.0f} s")
+        time.sleep(0.001)
 
 
 def count_preemptions(llm: Any) -> list[int]:

@@ -230,6 +230,8 @@ def test_a_second_instance_serves_what_the_first_computed_through_faults(
 def test_tampered_values_are_misses_and_outputs_match_recompute(
     store: Store, baseline: dict[str, Any], tiny_model: Path
 ) -> None:
+    if not store.server.running():  # a test before this one failed between kill and restart
+        store.server.restart()
     # A prefix of its own: the writer finds nothing from the other test and writes it all.
     base = {"model": str(tiny_model), "max_tokens": 8, "remote": store.remote(prefix="tamper:")}
     writer = child({**base, "phases": [{"prompts": turn(0)}]}, password=store.password)

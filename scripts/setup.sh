@@ -62,7 +62,7 @@ want=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat) 2>/d
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VPY" -c "import kv_offload._C" 2>/dev/null; then
   echo "[setup] installing kv-offload and building its C++ extension"
   pip_install "setuptools>=68" wheel
-  pip_install --no-build-isolation -e ".[test,model]"
+  pip_install --no-build-isolation -e ".[test,model,bench]"
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $("$VPY" -c 'import torch, kv_offload; print("torch", torch.__version__, "kv_offload", kv_offload.__version__)')"

@@ -311,3 +311,34 @@ def test_openai_server_multiprocess(tiny_model: Path, tmp_path: Path) -> None:
 
     theirs, _, _ = _run(tiny_model, False, work)
     assert served == [r[0] for r in theirs]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_vllm_backend(tiny_model: Path, dtype: str) -> None:
+    """bf16 / fp16 KV: the prompt's teacher-forced logprobs (prefill, chunked, every position)
+    and the first generated tokens stay close to vLLM's own backend. Both accumulate in fp32
+    but round differently, so tokens are not required to be identical: a wrong dtype path or
+    page format would move the logprobs by whole units, not by the 1e-2 of rounding."""
+    from vllm import SamplingParams
+
+    docs = documents(2, 400, seed=17)
+    prompts = [docs[0], docs[1][:150], docs[0][:200] + [5, 6]]
+
+    def work(llm: Any) -> Result:
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1, prompt_logprobs=0)
+        out: Result = []
+        for r in llm.generate([prompt(p) for p in prompts], params, use_tqdm=False):
+            ids = list(r.outputs[0].token_ids)
+            gen = [lp[t].logprob for t, lp in zip(ids, r.outputs[0].logprobs)]
+            prompt_lps = [next(iter(lp.values())).logprob for lp in r.prompt_logprobs[1:]]
+            out.append((ids, prompt_lps + gen, len(prompt_lps)))
+        return out
+
+    ours, impls, stats = _run(tiny_model, True, work, dtype=dtype)
+    theirs, _, _ = _run(tiny_model, False, work, dtype=dtype)
+    assert stats["prefill_calls"] > 0 and stats["decode_calls"] > 0 and stats["vllm_calls"] == 0
+    for (ids, lps, n), (ref_ids, ref_lps, ref_n) in zip(ours, theirs):
+        assert n == ref_n and n > 100
+        worst = max(abs(a - b) for a, b in zip(lps[:n], ref_lps[:n]))
+        assert worst < 0.1, f"prompt logprobs differ by {worst}"
+        assert ids[0] == ref_ids[0] and abs(lps[n] - ref_lps[n]) < 0.1

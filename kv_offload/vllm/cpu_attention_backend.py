@@ -112,7 +112,7 @@ def fallback_reasons(
     if is_quantized_kv_cache(kv_cache_dtype):
         reasons.append(f"{kv_cache_dtype} KV cache")
     if attn_type != AttentionType.DECODER:
-        reasons.append(f"{attn_type} attention")
+        reasons.append(f"{getattr(attn_type, 'value', attn_type)} attention")
     if head_size % 16:
         reasons.append(f"head size {head_size} (not a multiple of 16)")
     if dtype not in _KERNEL_DTYPES:

@@ -342,3 +342,26 @@ def test_half_precision_close_to_vllm_backend(tiny_model: Path, dtype: str) -> N
         worst = max(abs(a - b) for a, b in zip(lps[:n], ref_lps[:n]))
         assert worst < 0.1, f"prompt logprobs differ by {worst}"
         assert ids[0] == ref_ids[0] and abs(lps[n] - ref_lps[n]) < 0.1
+
+
+def test_fallback_reasons() -> None:
+    """Which layers kv-offload's kernels leave to vLLM's own code, and why."""
+    import torch
+    from vllm.v1.attention.backend import AttentionType
+
+    from kv_offload.vllm.cpu_attention_backend import fallback_reasons
+
+    plain = dict(head_size=128, dtype=torch.bfloat16, alibi_slopes=None, logits_soft_cap=None, sinks=None,
+                 kv_cache_dtype="auto", attn_type=AttentionType.DECODER)  # fmt: skip
+    assert fallback_reasons(**plain) == []  # type: ignore[arg-type]
+    assert fallback_reasons(**{**plain, "logits_soft_cap": 0.0}) == []  # type: ignore[arg-type]
+    cases = {
+        "ALiBi": {"alibi_slopes": [0.5]}, "logit softcap": {"logits_soft_cap": 30.0},
+        "attention sinks": {"sinks": torch.zeros(4)}, "fp8 KV cache": {"kv_cache_dtype": "fp8"},
+        "encoder_only attention": {"attn_type": AttentionType.ENCODER_ONLY},
+        "encoder_decoder attention": {"attn_type": AttentionType.ENCODER_DECODER},
+        "head size 72": {"head_size": 72},
+    }  # fmt: skip
+    for reason, change in cases.items():
+        (got,) = fallback_reasons(**{**plain, **change})  # type: ignore[arg-type]
+        assert got.startswith(reason), (reason, got)

@@ -291,6 +291,12 @@ class OffloadConfig:
     offload_prompt_only: bool = True
     #: Smallest prefix hit, in tokens, worth loading (shorter hits are recomputed).
     min_load_tokens: int = 0
+    #: A hit served entirely from the pool and at most this many bytes (per worker) is
+    #: loaded synchronously: copied before the forward pass of the step that schedules the
+    #: request, which then computes at once, instead of waiting for the copy over two more
+    #: steps. 0: every load asynchronous. Hits from the disk or remote tier are always
+    #: asynchronous.
+    sync_load_max_bytes: int = 64 << 20
     #: On a failed load, recompute the affected tokens instead of failing the request
     #: (sets vLLM's ``kv_load_failure_policy`` to "recompute"; false keeps vLLM's setting).
     recompute_on_load_failure: bool = True
@@ -346,6 +352,10 @@ class OffloadConfig:
         for key in ("pin_memory", "offload_prompt_only", "recompute_on_load_failure"):
             if key in raw:
                 _check_type(key, raw[key], (bool,), "true or false")
+        if "sync_load_max_bytes" in raw:
+            value = raw["sync_load_max_bytes"]
+            zero = value == 0 and not isinstance(value, bool)
+            values["sync_load_max_bytes"] = 0 if zero else parse_bytes(value, "sync_load_max_bytes")
         if raw.get("disk") is not None:
             values["disk"] = DiskConfig.from_dict(raw["disk"])
         if raw.get("remote") is not None:

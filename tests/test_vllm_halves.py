@@ -41,7 +41,7 @@ class FakeRequest:
 
 
 def _half(slots: int = 16, world_size: int = 1, **cfg: object) -> SchedulerHalf:
-    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", **cfg})
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", "sync_load_max_bytes": 0, **cfg})
     return SchedulerHalf(config, OffloadManager(slots, LRUPolicy(slots)), block_size=BS, world_size=world_size)
 
 
@@ -276,7 +276,7 @@ def test_pool_smaller_than_a_prompt_keeps_its_leading_blocks() -> None:
 def test_keys_are_content_keys_in_the_engines_namespace() -> None:
     from kv_offload.keys import KeyChain
 
-    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", "sync_load_max_bytes": 0})
     manager = OffloadManager(16, LRUPolicy(16))
     ours = SchedulerHalf(config, manager, block_size=BS, namespace=b"a" * 16)
     a = FakeRequest("a", list(range(3 * BS)))
@@ -293,7 +293,7 @@ def test_blocks_that_cannot_be_keyed_are_skipped_and_counted() -> None:
     def float_from_block_1(request: object) -> object:
         return lambda start, end, state: ((("weight", 0.5),) if start >= BS else None, state)
 
-    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", "sync_load_max_bytes": 0})
     half = SchedulerHalf(config, OffloadManager(16, LRUPolicy(16)), block_size=BS, extra_keys=float_from_block_1)  # type: ignore[arg-type]
     plan = _prefill(half, FakeRequest("a", list(range(4 * BS))), [1, 2, 3, 4])
     assert plan.stores[0].device_blocks == (1,)  # only the block before the unkeyable one
@@ -352,7 +352,7 @@ def test_file_backend_keeps_tensor_parallel_ranks_apart(tmp_path: "os.PathLike[s
 def _disk_halves(tmp: str, fail_load_every: int = 0) -> tuple[SchedulerHalf, WorkerHalf, object]:
     from kv_offload.vllm.worker import open_disk_tier
 
-    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "disk": {"path": tmp, "bytes": "64MiB"},
+    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "disk": {"path": tmp, "bytes": "64MiB"}, "sync_load_max_bytes": 0,
                                    "fail_load_every": fail_load_every})  # fmt: skip
     index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
     half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
@@ -416,7 +416,7 @@ def test_disk_tier_survives_a_restart_and_promotes_through_the_pool(tmp_path: "o
     assert promote[1] == 3 * GEOM.block_bytes and promote[2] > 0
     # Promoted blocks are pool blocks now: the next hit comes from DRAM.
     assert half.match(FakeRequest("c", list(range(3 * BS)) + [9]), 0) == (3 * BS, True)
-    assert half._matches["c"][1:] == (3, (0,))
+    assert half._matches["c"][1:] == (3, (0,), False)
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]
 
@@ -477,7 +477,7 @@ def test_a_tier_that_cannot_answer_yet_defers_the_request() -> None:
             return [True] * len(keys) if self.ready else None  # type: ignore[arg-type]
 
     index = SlowIndex()
-    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", "sync_load_max_bytes": 0})
     half = SchedulerHalf(config, OffloadManager(8, LRUPolicy(8)), block_size=BS, disk=index)
     req = FakeRequest("a", list(range(3 * BS)) + [1])
     assert half.match(req, 0) == (None, False)  # vLLM skips the request this step, asks again
@@ -572,7 +572,7 @@ class _HeldIndex:
 def test_lookups_go_down_the_tiers_and_a_failed_remote_block_is_retried_later() -> None:
     from kv_offload.vllm import scheduler as scheduler_mod
 
-    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB"})
+    config = OffloadConfig.from_dict({"cpu_bytes": "1MiB", "sync_load_max_bytes": 0})
     half = SchedulerHalf(config, OffloadManager(16, LRUPolicy(16)), block_size=BS,
                          disk=_HeldIndex(set()), remote=_HeldIndex(set()))  # fmt: skip
     req = FakeRequest("a", list(range(6 * BS)) + [1])
@@ -581,7 +581,7 @@ def test_lookups_go_down_the_tiers_and_a_failed_remote_block_is_retried_later() 
     disk.held, remote.held = {keys[2], keys[3]}, set(keys)  # type: ignore[attr-defined]
     half.on_report(_ok(_prefill(half, FakeRequest("p", list(range(2 * BS))), [7, 8])))  # the pool: blocks 0-1
     assert half.match(req, 0) == (6 * BS, True)
-    assert half._matches["a"][1:] == (2, (2, 2))  # pool 2, disk 2, remote 2
+    assert half._matches["a"][1:] == (2, (2, 2), False)  # pool 2, disk 2, remote 2; asynchronous
     assert disk.asked[-1] == 4 and remote.asked[-1] == 2  # each asked only for what the ones above lack  # type: ignore[attr-defined]
     half.on_alloc(req, [1, 2, 3, 4, 5, 6, 9], 6 * BS)
     plan = half.build_plan([])
@@ -601,7 +601,7 @@ def test_lookups_go_down_the_tiers_and_a_failed_remote_block_is_retried_later() 
     time.sleep(0.01)
     c = FakeRequest("c", list(range(6 * BS)) + [3])
     assert half.match(c, 0) == (6 * BS, True)
-    assert half._matches["c"][1:] == (4, (0, 2))
+    assert half._matches["c"][1:] == (4, (0, 2), False)
     half.on_alloc(c, [10, 11, 12, 13, 14, 15, 9], 6 * BS)
     plan = half.build_plan([])
     (promote,) = plan.promotes
@@ -610,3 +610,52 @@ def test_lookups_go_down_the_tiers_and_a_failed_remote_block_is_retried_later() 
     # Blocks promoted from the remote tier are written through to the disk above it.
     plan = half.build_plan([])
     assert [(w.tier, w.keys) for w in plan.writebacks] == [("disk", tuple(keys[4:6]))]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_small_pool_hit_is_loaded_before_the_forward_pass(fail: bool) -> None:
+    """A hit all in the pool, within ``sync_load_max_bytes``: vLLM is told the load is
+    synchronous (it schedules the request in the same step), the worker's ``start_loads``
+    returns with the blocks in place (or, failed, zeroed and reported), and the request is
+    never reported as finished receiving (it never waited)."""
+    cfg = {"cpu_bytes": "1MiB", "sync_load_max_bytes": 2 * GEOM.block_bytes}
+    if fail:
+        cfg["fail_load_every"] = 1
+    config = OffloadConfig.from_dict(cfg)
+    half = SchedulerHalf(config, OffloadManager(16, LRUPolicy(16), block_bytes=GEOM.block_bytes), block_size=BS)
+    worker = WorkerHalf(config, GEOM)
+    layers = _layers()
+    worker.register(layers)
+    a = FakeRequest("a", list(range(3 * BS)))
+    half.on_alloc(a, [1, 2, 3], 0)
+    _step(half, worker, [ScheduledRequest(a, 0, 3 * BS, [1, 2, 3])])
+    _run_until_settled(half, worker)
+    expected = [t[[1, 2]].clone() for t in layers]
+    before = [t.clone() for t in layers]
+    # Two blocks fit the limit: synchronous. Three would not: asynchronous, as before.
+    assert half.match(FakeRequest("x", list(range(3 * BS)) + [1]), 0) == (3 * BS, True)
+    b = FakeRequest("b", list(range(2 * BS)) + [5])
+    assert half.match(b, 0) == (2 * BS, False)
+    half.on_alloc(b, [6, 5, 7], 2 * BS)
+    plan = half.build_plan([ScheduledRequest(b, 2 * BS, 1, [6, 5, 7])])
+    (load,) = plan.loads
+    assert load.sync and load.req_id == "b"
+    worker.flush(plan)
+    worker.start_loads(plan)  # returns once the copy is done: the forward pass reads it next
+    if fail:
+        assert worker.take_invalid_blocks() == {6, 5}
+        for t in layers:
+            assert not t[[6, 5]].any()  # zeroed before the forward pass
+    else:
+        assert worker.take_invalid_blocks() == set()
+        for t, e in zip(layers, expected):
+            assert torch.equal(t[6], e[0]) and torch.equal(t[5], e[1])
+    others = [i for i in range(8) if i not in (5, 6)]
+    for t, b0 in zip(layers, before):
+        assert torch.equal(t[others], b0[others])
+    worker.submit_stores(plan)
+    _run_until_settled(half, worker)
+    assert worker.take_finished_recving() == set()  # b never waited for it
+    counters = half.take_counters()
+    assert counters.loaded_blocks == (0 if fail else 2) and counters.failed_loads == (1 if fail else 0)
+    worker.shutdown()

@@ -32,6 +32,9 @@ class JobSpec:
     keys: tuple[bytes, ...] = ()
     #: tier jobs: which tier below the pool ("disk", "remote")
     tier: str = ""
+    #: a load vLLM scheduled in the same step (``load_kv_async`` False): the worker copies
+    #: it before the forward pass and does not report the request as finished receiving
+    sync: bool = False
 
 
 @dataclass

@@ -202,8 +202,8 @@ class SchedulerHalf:
         if remote is not None:
             self.tiers["remote"] = _LowerTier("remote", remote, write=remote_write, failed_ttl_s=REMOTE_RETRY_S)
         self._reqs: dict[str, _ReqState] = {}
-        #: request -> (first block, pool hits, hits of each lower tier in order)
-        self._matches: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        #: request -> (first block, pool hits, hits of each lower tier in order, load sync)
+        self._matches: dict[str, tuple[int, int, tuple[int, ...], bool]] = {}
         self._jobs: dict[int, _Job] = {}
         self._job_ids = itertools.count(1)
         #: device block -> store jobs still reading it
@@ -256,8 +256,12 @@ class SchedulerHalf:
             total += run
         if total == 0 or total * bs < self.config.min_load_tokens:
             return 0, False
-        self._matches[request.request_id] = (start, hits, tuple(runs))
-        return total * bs, True
+        # A small hit all in the pool is copied before this step's forward pass (vLLM then
+        # schedules the request at once); anything else waits in WAITING_FOR_REMOTE_KVS.
+        limit = self.config.sync_load_max_bytes * self.world_size
+        sync = total == hits and limit > 0 and hits * self.manager.block_bytes <= limit
+        self._matches[request.request_id] = (start, hits, tuple(runs), sync)
+        return total * bs, not sync
 
     @staticmethod
     def _tier_run(tier: _LowerTier, keys: Sequence[bytes]) -> int | None:
@@ -290,7 +294,7 @@ class SchedulerHalf:
                 f"kv_offload: request {req_id} was given {num_external_tokens} external tokens"
                 " that the pool did not offer"
             )
-        start, hits, runs = match
+        start, hits, runs, sync = match
         n = num_external_tokens // self.block_size
         if n > hits + sum(runs):
             raise RuntimeError(f"kv_offload: request {req_id}: {n} blocks to load but only {hits + sum(runs)} hit")
@@ -301,7 +305,7 @@ class SchedulerHalf:
             slots = self.manager.prepare_load(keys[:from_pool])
             job_id = next(self._job_ids)
             self._jobs[job_id] = _Job(_Kind.LOAD, keys[:from_pool], device_blocks[:from_pool])
-            self._step_loads.append(JobSpec(job_id, device_blocks[:from_pool], tuple(slots), req_id))
+            self._step_loads.append(JobSpec(job_id, device_blocks[:from_pool], tuple(slots), req_id, sync=sync))
         begin = from_pool
         for tier, run in zip(self.tiers.values(), runs):
             end = min(n, begin + run)

@@ -200,11 +200,22 @@ class WorkerHalf:
             self._engine().wait(plan.flush)
 
     def start_loads(self, plan: StepPlan) -> None:
+        """Submit the step's loads and promotions; wait for its synchronous loads.
+
+        vLLM calls this before the forward pass when the step has synchronous loads (the
+        requests they feed compute in this very step), after it otherwise."""
         for job in plan.loads + plan.promotes:
             assert job.req_id is not None
-            self._receiving[job.req_id] += 1
+            if not job.sync:
+                self._receiving[job.req_id] += 1
         for job in plan.loads:
             self._submit(job, Direction.LOAD, self._loads)
+        sync = [job.job_id for job in plan.loads if job.sync]
+        if sync:
+            # Ordering: the forward pass reads these blocks; the copies must be complete
+            # (and a failed one's blocks zeroed and reported) before it starts.
+            self._engine().wait(sync)
+            self.poll()
         for job in plan.promotes:
             # First leg: tier -> the reserved pool slots, on the tier's thread, chunk by
             # chunk; each chunk's second leg (pool -> KV cache) is submitted from poll() once
@@ -307,11 +318,13 @@ class WorkerHalf:
             job = self._loads.pop(job_id)
             assert job.req_id is not None
             # Done receiving once every load and promotion of the request settled: vLLM
-            # schedules it then, and its blocks must all be in place.
-            self._receiving[job.req_id] -= 1
-            if self._receiving[job.req_id] <= 0:
-                del self._receiving[job.req_id]
-                self._finished_recving.add(job.req_id)
+            # schedules it then, and its blocks must all be in place. (A synchronous load's
+            # request was never waiting: vLLM scheduled it with the load.)
+            if not job.sync:
+                self._receiving[job.req_id] -= 1
+                if self._receiving[job.req_id] <= 0:
+                    del self._receiving[job.req_id]
+                    self._finished_recving.add(job.req_id)
             if not success:
                 self._clear_blocks(job.device_blocks)
                 self._invalid_blocks.update(job.device_blocks)

@@ -294,9 +294,11 @@ class OffloadConfig:
     #: A hit served entirely from the pool and at most this many bytes (per worker) is
     #: loaded synchronously: copied before the forward pass of the step that schedules the
     #: request, which then computes at once, instead of waiting for the copy over two more
-    #: steps. 0: every load asynchronous. Hits from the disk or remote tier are always
-    #: asynchronous.
-    sync_load_max_bytes: int = 64 << 20
+    #: steps. Hits from the disk or remote tier are always asynchronous. Off (0) by default:
+    #: vLLM 0.32 caches a synchronously loaded block at once, and after a *failed*
+    #: synchronous load its recompute policy can let another request read the block before
+    #: it is recomputed (measured: wrong tokens with injected load failures, block size 32).
+    sync_load_max_bytes: int = 0
     #: On a failed load, recompute the affected tokens instead of failing the request
     #: (sets vLLM's ``kv_load_failure_policy`` to "recompute"; false keeps vLLM's setting).
     recompute_on_load_failure: bool = True

@@ -178,7 +178,7 @@ def test_remote_section_errors_name_the_key(remote: object, key: str) -> None:
 
 
 def test_sync_load_max_bytes() -> None:
-    assert OffloadConfig.from_dict({"cpu_bytes": "1GiB"}).sync_load_max_bytes == 64 << 20
+    assert OffloadConfig.from_dict({"cpu_bytes": "1GiB"}).sync_load_max_bytes == 0  # off by default
     assert OffloadConfig.from_dict({"cpu_bytes": "1GiB", "sync_load_max_bytes": 0}).sync_load_max_bytes == 0
     assert OffloadConfig.from_dict({"cpu_bytes": "1GiB", "sync_load_max_bytes": "8MiB"}).sync_load_max_bytes == 8 << 20
     for bad in (-1, "lots", True, [1]):

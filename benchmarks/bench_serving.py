@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Serving benchmark: many users on ``vllm serve``, kv-offload side by side with its peers.
 
-    flock /tmp/kvo_vllm.lock .venv/bin/python benchmarks/bench_serving.py \
+    .venv/bin/python benchmarks/bench_serving.py \
         --json benchmarks/results/serving_cpu.json --plot benchmarks/results/serving_cpu.png
-    flock /tmp/kvo_vllm.lock .venv/bin/python benchmarks/bench_serving.py --quick     # < 3 min
+    .venv/bin/python benchmarks/bench_serving.py --quick     # < 3 min
 
 Builds the demo model offline (random-weight Llama, fp32; ``kv_offload.testing.tiny_model``),
 then, one configuration after another, starts vLLM's OpenAI server (the module: the ``vllm``
@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"meta": meta, "goals": checked, "table": table(rows),
                "configs": [{**s, "per_request": per_request(raw[s["config"]])} for s in rows]}  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(clean(doc), indent=1) + "\n")
+        # Paths of this checkout are written relative to it ("<repo>/..."): results are committed.
+        Path(args.json).write_text(json.dumps(clean(doc), indent=1).replace(str(ROOT), "<repo>") + "\n")
         print(f"[bench] wrote {args.json}")
     if args.plot:
         title = (f"{spec.users} users, {n_req} requests, working set {ws / kv_tokens:.1f}x vLLM's KV cache;"

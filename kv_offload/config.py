@@ -296,8 +296,9 @@ class OffloadConfig:
     #: request, which then computes at once, instead of waiting for the copy over two more
     #: steps. Hits from the disk or remote tier are always asynchronous. Off (0) by default:
     #: with injected load failures, 40 concurrent requests at block size 32 gave a wrong
-    #: token with it on (tests/vllm/test_failed_loads.py); the cause is not isolated yet
-    #: (vLLM caches a synchronously loaded block at once, an asynchronous one only after).
+    #: token with it on (tests/vllm/test_failed_loads.py). Traced: vLLM caches a synchronously
+    #: loaded block at once, and its recompute policy keeps a failed one in its prefix cache;
+    #: a request sharing the prefix was scheduled on it before it was recomputed.
     sync_load_max_bytes: int = 0
     #: On a failed load, recompute the affected tokens instead of failing the request
     #: (sets vLLM's ``kv_load_failure_policy`` to "recompute"; false keeps vLLM's setting).

@@ -298,7 +298,7 @@ class OffloadConfig:
     #: with injected load failures, 40 concurrent requests at block size 32 gave a wrong
     #: token with it on (tests/vllm/test_failed_loads.py). Traced: vLLM caches a synchronously
     #: loaded block at once, and its recompute policy keeps a failed one in its prefix cache;
-    #: a request sharing the prefix was scheduled on it before it was recomputed.
+    #: the wrong request shared that block and was never marked affected (docs/usage.md).
     sync_load_max_bytes: int = 0
     #: On a failed load, recompute the affected tokens instead of failing the request
     #: (sets vLLM's ``kv_load_failure_policy`` to "recompute"; false keeps vLLM's setting).

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kv_offload.config import ConfigError, RemoteConfig
 from kv_offload.tiers.base import BlockTier, TierStats
@@ -35,6 +36,7 @@ __all__ = ["RemoteTier", "RemoteTierStats"]
 logger = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S = 0.5
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -211,20 +213,27 @@ class RemoteTier(BlockTier):
     def _name(self, key: bytes) -> str:
         return store_key(self.config.prefix, self.namespace, key)
 
+    def _attempt(self, op: Callable[[RemoteStore], _T]) -> _T | None:
+        """``op`` on the connected store; ``None`` when the store is down, or when ``op``
+        failed at the connection level (then the connection is dropped and backed off)."""
+        try:
+            store = self._connect()
+        except StoreUnavailable:
+            return None
+        try:
+            return op(store)
+        except StoreUnavailable as exc:
+            self._failed(store, exc)
+            return None
+
     # -- BlockTier -----------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         """Which keys the store holds: one batched round trip (all ``False`` while the store
         is down). Blocking; the scheduler calls it off the step."""
         if not keys:
             return []
-        try:
-            store = self._connect()
-        except StoreUnavailable:
-            return [False] * len(keys)
-        try:
-            held = store.exists([self._name(k) for k in keys])
-        except StoreUnavailable as exc:
-            self._failed(store, exc)
+        held = self._attempt(lambda store: store.exists([self._name(k) for k in keys]))
+        if held is None:
             return [False] * len(keys)
         with self._lock:
             self._stats.lookups += 1
@@ -238,26 +247,21 @@ class RemoteTier(BlockTier):
                 raise ValueError(f"block {i} has {len(body)} bytes, expected {self.block_bytes}")
         if not self.config.write:
             return [False] * len(items)
-        try:
-            store = self._connect()
-        except StoreUnavailable:
+
+        def put(store: RemoteStore) -> list[bool]:
+            headers = memoryview(bytearray(HEADER_BYTES * len(items)))
+            values = []
+            for i, (key, body) in enumerate(items):
+                header = headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES]
+                encode_header(header, self.namespace, key, body)
+                values.append((header, body))
+            return store.put([self._name(k) for k, _ in items], values)
+
+        ok = self._attempt(put)
+        if ok is None:
             with self._lock:
                 self._stats.write_failures += len(items)
             return [False] * len(items)
-        headers = memoryview(bytearray(HEADER_BYTES * len(items)))
-        values = []
-        for i, (key, body) in enumerate(items):
-            header = headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES]
-            encode_header(header, self.namespace, key, body)
-            values.append((header, body))
-        try:
-            ok = store.put([self._name(k) for k, _ in items], values)
-        except StoreUnavailable as exc:
-            self._failed(store, exc)
-            ok = [False] * len(items)
-            with self._lock:
-                self._stats.write_failures += len(items)
-            return ok
         with self._lock:
             self._stats.writes += ok.count(True)
             self._stats.refused += ok.count(False)
@@ -317,26 +321,20 @@ class RemoteTier(BlockTier):
             self._stats.misses += ok.count(False)
             self._stats.corruptions += len(corrupt)
         if corrupt:
-            try:
-                store.remove(corrupt)
-            except StoreUnavailable as exc:
-                self._failed(store, exc)
+            self._attempt(lambda live: live.remove(corrupt))
         return ok
 
     def remove(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
             return []
-        try:
-            store = self._connect()
-        except StoreUnavailable:
-            return [False] * len(keys)
-        try:
+
+        def drop(store: RemoteStore) -> list[bool]:
             held = store.exists([self._name(k) for k in keys])
             store.remove([self._name(k) for k, h in zip(keys, held) if h])
-        except StoreUnavailable as exc:
-            self._failed(store, exc)
-            return [False] * len(keys)
-        return held
+            return held
+
+        held = self._attempt(drop)
+        return [False] * len(keys) if held is None else held
 
     def stats(self) -> RemoteTierStats:
         with self._lock:

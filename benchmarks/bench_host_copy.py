@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -31,16 +31,8 @@ from kv_offload.transfer import Direction, TransferJob, build_copy_batch, region
 from kv_offload.transfer.cpu_engine import CpuTransferEngine
 from kv_offload.transfer.cpu_engine import _run_copy_batch as run_copy_batch  # internal: raw addresses
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], None], reps: int) -> float:

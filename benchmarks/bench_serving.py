@@ -53,6 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import cpu_model  # noqa: E402
 from serving_workload import (  # noqa: E402
     WorkloadSpec,
     build_workload,
@@ -81,16 +82,6 @@ def parse_bytes(text: str) -> int:
         if t.endswith(suffix):
             return int(float(t[: -len(suffix)]) * mult)
     return int(t)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Server:

@@ -40,13 +40,10 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
-import weakref
 from pathlib import Path
-from types import TracebackType
 
-from kv_offload.testing.store_process import ManagedProcess, StoreStartError, free_port, wait_until
+from kv_offload.testing.store_process import ManagedProcess, StoreServer, StoreStartError, free_port, launch
 
 __all__ = ["MooncakeServer", "StoreStartError"]
 
@@ -77,7 +74,7 @@ def _answers(port: int) -> bool:
         return True
 
 
-class MooncakeServer:
+class MooncakeServer(StoreServer):
     """A ``mooncake_master`` and a store process on 127.0.0.1 (see the module docstring).
 
     Args:
@@ -90,6 +87,8 @@ class MooncakeServer:
         start_timeout_s: how long :meth:`start` waits for each process to answer.
     """
 
+    stop_grace_s = 3.0
+
     def __init__(
         self,
         *,
@@ -98,6 +97,7 @@ class MooncakeServer:
         client_ttl_s: int = 10,
         start_timeout_s: float = 15.0,
     ) -> None:
+        super().__init__()
         if segment_bytes < 0:
             raise ValueError(f"segment_bytes must be >= 0, got {segment_bytes}")
         if client_ttl_s < 1:
@@ -108,10 +108,8 @@ class MooncakeServer:
         self._port = port
         self._metrics_port: int | None = None
         self._store_port: int | None = None
-        self._dir: Path | None = None
         self._master: ManagedProcess | None = None
         self._store: ManagedProcess | None = None
-        self._cleanup: weakref.finalize[..., MooncakeServer] | None = None
 
     # -- what a client needs ------------------------------------------------------------
 
@@ -163,9 +161,7 @@ class MooncakeServer:
             return self
         master_bin = _binary("mooncake_master")
         store_bin = _binary("mooncake_client") if self.segment_bytes else ""
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="kvo-mooncake-"))  # mode 0700
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        self._make_directory("kvo-mooncake-")
         if self._port is None:
             self._port = free_port()
         if self._metrics_port is None:
@@ -194,31 +190,13 @@ class MooncakeServer:
         return self
 
     def _launch(self, what: str, binary: str, log: Path, port: int, args: list[str]) -> ManagedProcess:
-        proc = ManagedProcess(log)
-        proc.spawn([binary, *args], cwd=self.directory)
-        try:
-            wait_until(lambda: not proc.running() or _answers(port), self.start_timeout_s, f"{what} on 127.0.0.1:{port}")
-        except StoreStartError as exc:
-            proc.kill()
-            raise StoreStartError(f"{exc}; log tail:\n{proc.log_tail()}") from None
-        if not proc.running():
-            tail = proc.log_tail()
-            hint = f"{_VERBS_HINT}; " if "libibverbs" in tail else ""
-            raise StoreStartError(f"{what} exited with status {proc.exit_code()}; {hint}log tail:\n{tail}")
-        return proc
+        return launch(
+            f"{what} on 127.0.0.1:{port}", [binary, *args], log=log, cwd=self.directory, ready=lambda: _answers(port),
+            timeout_s=self.start_timeout_s, hint=lambda tail: f"{_VERBS_HINT}; " if "libibverbs" in tail else "",
+        )  # fmt: skip
 
-    def stop(self) -> None:
-        """End the store process, then the master (SIGTERM, SIGKILL after a grace period).
-        Every value is lost."""
-        for proc in (self._store, self._master):
-            if proc is not None:
-                proc.stop(grace_s=3.0)
-
-    def kill(self) -> None:
-        """SIGKILL master and store process: a crash, as clients see it."""
-        for proc in (self._store, self._master):
-            if proc is not None:
-                proc.kill()
+    def _processes(self) -> list[ManagedProcess]:
+        return [p for p in (self._store, self._master) if p is not None]
 
     def kill_master(self) -> None:
         """SIGKILL the master only (the store process keeps its memory and re-registers with
@@ -233,30 +211,6 @@ class MooncakeServer:
         for proc, chosen in ((self._master, master), (self._store, store)):
             if proc is not None and chosen:
                 proc.pause()
-
-    def resume(self) -> None:
-        """SIGCONT whatever :meth:`pause` stopped."""
-        for proc in (self._master, self._store):
-            if proc is not None:
-                proc.resume()
-
-    def restart(self) -> None:
-        """Stop (if running) and start again on the same ports, empty."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Stop everything and remove the directory. Idempotent."""
-        self.stop()
-        if self._cleanup is not None:
-            self._cleanup()
-        self._dir = None
-
-    def __enter__(self) -> MooncakeServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running() else "stopped"

@@ -22,14 +22,11 @@ import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
-import weakref
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
-from kv_offload.testing.store_process import ManagedProcess, StoreStartError, free_port, wait_until
+from kv_offload.testing.store_process import ManagedProcess, StoreServer, StoreStartError, free_port, launch
 from kv_offload.tiers.remote.url import redact
 
 __all__ = ["RedisServer", "StoreStartError"]
@@ -44,7 +41,7 @@ def _conf_string(value: str, what: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class RedisServer:
+class RedisServer(StoreServer):
     """One ``redis-server`` child process (see the module docstring).
 
     Args:
@@ -76,6 +73,7 @@ class RedisServer:
         start_timeout_s: float = 10.0,
         executable: str = "redis-server",
     ) -> None:
+        super().__init__()
         self.password = secrets.token_hex(16) if password is None else password
         self.user = user
         self.user_password = (secrets.token_hex(16) if user_password is None else user_password) if user else None
@@ -86,9 +84,7 @@ class RedisServer:
         self.start_timeout_s = start_timeout_s
         self.executable = executable
         self._port = port
-        self._dir: Path | None = None
         self._proc: ManagedProcess | None = None
-        self._cleanup: weakref.finalize[..., RedisServer] | None = None
 
     # -- what a client needs ------------------------------------------------------------
 
@@ -150,62 +146,20 @@ class RedisServer:
         if binary is None:
             raise StoreStartError(_INSTALL_HINT if self.executable == "redis-server" else f"{self.executable!r} is not installed")
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="kvo-redis-"))  # mode 0700
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+            self._make_directory("kvo-redis-")
             if self._port is None:
                 self._port = free_port()
             if self.tls:
                 self._make_certificates()
             self._write_config()
-        self._proc = ManagedProcess(self.directory / "redis.log")
-        self._proc.spawn([binary, str(self.directory / "redis.conf")], cwd=self.directory)
-        proc = self._proc
-        try:
-            wait_until(lambda: not proc.running() or self._answers(), self.start_timeout_s, f"redis-server on port {self.port}")
-        except StoreStartError as exc:
-            proc.kill()
-            raise StoreStartError(f"{exc}; log tail:\n{proc.log_tail()}") from None
-        if not proc.running():
-            raise StoreStartError(f"redis-server exited with status {proc.exit_code()}; log tail:\n{proc.log_tail()}")
+        self._proc = launch(
+            f"redis-server on port {self.port}", [binary, str(self.directory / "redis.conf")], log=self.log_file,
+            cwd=self.directory, ready=self._answers, timeout_s=self.start_timeout_s,
+        )  # fmt: skip
         return self
 
-    def stop(self) -> None:
-        """Shut the server down gracefully (the data is lost: nothing is persisted)."""
-        if self._proc is not None:
-            self._proc.stop()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, as clients see it (connections reset, connects refused)."""
-        if self._proc is not None:
-            self._proc.kill()
-
-    def pause(self) -> None:
-        """SIGSTOP: a stalled store. Connections stay open, connects still complete (the
-        kernel accepts them), but nothing is answered until :meth:`resume`."""
-        if self._proc is not None:
-            self._proc.pause()
-
-    def resume(self) -> None:
-        if self._proc is not None:
-            self._proc.resume()
-
-    def restart(self) -> None:
-        """Stop (if running) and start again on the same port with the same config, empty."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Stop the server and remove its directory. Idempotent."""
-        self.stop()
-        if self._cleanup is not None:
-            self._cleanup()
-        self._dir = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+    def _processes(self) -> list[ManagedProcess]:
+        return [self._proc] if self._proc is not None else []
 
     def __repr__(self) -> str:
         state = "running" if self.running() else "stopped"

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
 
-__all__ = ["StoreStartError", "free_port", "wait_until", "ManagedProcess"]
+__all__ = ["StoreStartError", "free_port", "wait_until", "ManagedProcess", "launch", "StoreServer"]
 
 
 class StoreStartError(RuntimeError):
@@ -163,3 +168,92 @@ class ManagedProcess:
             pass
         self._paused = False
         _LIVE.discard(self)
+
+
+def launch(
+    what: str, argv: Sequence[str], *, log: Path, cwd: Path, ready: Callable[[], bool], timeout_s: float,
+    hint: Callable[[str], str] | None = None,
+) -> ManagedProcess:
+    """Spawn ``argv`` and wait until ``ready()`` (or it exits): the running process, or
+    :class:`StoreStartError` quoting the log's tail (and ``hint(tail)``, when given)."""
+    proc = ManagedProcess(log)
+    proc.spawn(argv, cwd=cwd)
+    try:
+        wait_until(lambda: not proc.running() or ready(), timeout_s, what)
+    except StoreStartError as exc:
+        proc.kill()
+        raise StoreStartError(f"{exc}; log tail:\n{proc.log_tail()}") from None
+    if not proc.running():
+        tail = proc.log_tail()
+        extra = hint(tail) if hint is not None else ""
+        raise StoreStartError(f"{what} exited with status {proc.exit_code()}; {extra}log tail:\n{tail}")
+    return proc
+
+
+_S = TypeVar("_S", bound="StoreServer")
+
+
+class StoreServer:
+    """The life cycle every store launcher shares, over the processes it runs.
+
+    Subclasses implement :meth:`start` (creating the private directory with
+    :meth:`_make_directory`) and :meth:`_processes` (in the order they are stopped)."""
+
+    #: seconds a process gets to exit after SIGTERM before SIGKILL
+    stop_grace_s = 5.0
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._cleanup: weakref.finalize[Any, Any] | None = None
+
+    def start(self: _S) -> _S:
+        raise NotImplementedError
+
+    def _processes(self) -> list[ManagedProcess]:
+        raise NotImplementedError
+
+    def _make_directory(self, prefix: str) -> Path:
+        """The server's private directory (mode 0700), removed by :meth:`close` or at exit."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix=prefix))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        return self._dir
+
+    def stop(self) -> None:
+        """End every process (SIGTERM, SIGKILL after a grace period). Every value is lost."""
+        for proc in self._processes():
+            proc.stop(grace_s=self.stop_grace_s)
+
+    def kill(self) -> None:
+        """SIGKILL every process: a crash, as clients see it."""
+        for proc in self._processes():
+            proc.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP every process: a stalled store. Connections stay open and new ones complete
+        (the kernel accepts them), but nothing is answered until :meth:`resume`."""
+        for proc in self._processes():
+            proc.pause()
+
+    def resume(self) -> None:
+        """SIGCONT whatever :meth:`pause` stopped."""
+        for proc in self._processes():
+            proc.resume()
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same ports with the same config, empty."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop everything and remove the directory. Idempotent."""
+        self.stop()
+        if self._cleanup is not None:
+            self._cleanup()
+        self._dir = None
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

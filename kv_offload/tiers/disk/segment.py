@@ -239,21 +239,30 @@ class Segment:
 
     @property
     def slots(self) -> int:
-        return self.header.slots if self.header else 0
+        """The slots the header claims, bounded by the entries the ``.idx`` file holds."""
+        return min(self.header.slots, self.held_entries()) if self.header else 0
+
+    def held_entries(self) -> int:
+        """How many whole entries the ``.idx`` file holds (its header may claim more: a
+        truncated or forged file; nothing is ever read past what is there)."""
+        return max(0, (os.fstat(self.idx_fd).st_size - SEGMENT_HEADER_BYTES) // ENTRY_BYTES)
 
     def _entry_at(self, slot: int) -> int:
         return SEGMENT_HEADER_BYTES + slot * ENTRY_BYTES
 
     def entries(self, header: SegmentHeader | None = None) -> list[Entry | None]:
         """Every slot's entry (``None``: empty or invalid), from one sequential read, for the
-        segment's header or the one given (read just before, outside the tier's lock)."""
+        segment's header or the one given (read just before, outside the tier's lock). At
+        most as many as the file holds, whatever the header claims (2^40 slots read as 2^47
+        bytes were a MemoryError, found by tests/test_fuzz_disk_format.py)."""
         header = header or self.header
         if header is None:
             return []
-        raw = os.pread(self.idx_fd, header.slots * ENTRY_BYTES, SEGMENT_HEADER_BYTES)
+        n = min(header.slots, self.held_entries())
+        raw = os.pread(self.idx_fd, n * ENTRY_BYTES, SEGMENT_HEADER_BYTES) if n else b""
         view = memoryview(raw)
         out: list[Entry | None] = []
-        for i in range(min(header.slots, len(raw) // ENTRY_BYTES)):
+        for i in range(min(n, len(raw) // ENTRY_BYTES)):
             chunk = view[i * ENTRY_BYTES : (i + 1) * ENTRY_BYTES]
             out.append(Entry.unpack(chunk) if looks_written(chunk) else None)
         return out

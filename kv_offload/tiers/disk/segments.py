@@ -180,7 +180,11 @@ class SegmentSet:
         valid header (new, or its creator died first) or no ``.dat``; then, under the lock,
         index its blocks as ours and free its empty slots. Duplicates are cleared first."""
         header = seg.read_header()
-        if seg.ensure_dat() or not self._ours(header) or header is None or header.slots <= 0:
+        # A header claiming more slots than the .idx holds (truncated, or forged) would leave
+        # slots with no entry to take: found by tests/test_fuzz_disk_format.py (two truncated
+        # .idx files left a tier refusing every write). Such a segment is laid out afresh.
+        if (seg.ensure_dat() or not self._ours(header) or header is None or header.slots <= 0
+                or header.slots > seg.held_entries()):  # fmt: skip
             seg.initialize(self.namespace, self.block_bytes, self.slots_per_segment)
         entries = seg.entries()
         with self._lock:

@@ -140,5 +140,19 @@ class TransferEngine(ABC):
         """Jobs submitted and not yet handed back by :meth:`poll` (default: unknown, 0)."""
         return 0
 
+    def wait_for(self, job_ids: Collection[int], timeout: float) -> bool:
+        """:meth:`wait`, for at most ``timeout`` seconds: whether every job finished.
+
+        Default: an engine that cannot bound its wait waits for good (and says ``True``)."""
+        self.wait(job_ids)
+        return True
+
+    def cancel(self, job_ids: Collection[int]) -> set[int]:
+        """Cancel jobs that have not started copying: the ids returned will never touch the
+        KV cache nor the pool (their results still come from :meth:`poll`, as failures).
+        A job already copying, finished or unknown is not in the result. Default: an engine
+        that cannot cancel returns an empty set, and its callers wait for the copy instead."""
+        return set()
+
     def shutdown(self) -> None:
         """Stop the engine. Default: nothing to release."""

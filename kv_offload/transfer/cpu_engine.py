@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -44,6 +44,11 @@ def _run_copy_batch(batch: CopyBatch, num_threads: int) -> None:
 _Item = tuple[TransferJob, CopyBatch, float, torch.Tensor]
 
 
+#: A test hook run on the copy thread before each job's copy (it may sleep or raise: see
+#: :mod:`kv_offload.testing.faults`); never set outside tests.
+FaultHook = Callable[[TransferJob], None]
+
+
 class _State:
     """What the copy thread shares with the engine. The thread holds only this (never the
     engine), so a dropped engine is freed at once and its finalizer stops the thread."""
@@ -54,6 +59,11 @@ class _State:
         self.done: list[TransferResult] = []
         self.finished: set[int] = set()
         self.in_flight: set[int] = set()
+        #: jobs cancelled before their copy started (they never touch memory)
+        self.cancelled: set[int] = set()
+        #: the job whose copy is running now (not cancellable)
+        self.copying: int | None = None
+        self.fault_hook: FaultHook | None = None
         self.cond = threading.Condition()
         self.closed = False
 
@@ -72,24 +82,40 @@ class _State:
             # The queued item holds the pool tensor: a job still runs into live memory when
             # the engine was dropped after submitting it.
             job, batch, submitted, _pool = item
-            error: str | None = None
-            try:
-                _run_copy_batch(batch, self.num_threads)
-            except Exception as exc:  # reported as a failed job; the caller recomputes
-                error = f"{type(exc).__name__}: {exc}"
-            result = TransferResult(
-                job_id=job.job_id,
-                success=error is None,
-                nbytes=batch.total_bytes if error is None else 0,
-                seconds=time.perf_counter() - submitted,
-                direction=job.direction,
-                error=error,
-            )
+            self._run_one(job, batch, submitted)
             del item, _pool
+
+    def _run_one(self, job: TransferJob, batch: CopyBatch, submitted: float) -> None:
+        """One job; whatever it raises becomes its failure (the thread never dies of a job)."""
+        error: str | None = None
+        try:
+            hook = self.fault_hook
+            if hook is not None:
+                hook(job)
             with self.cond:
-                self.done.append(result)
-                self.finished.add(job.job_id)
-                self.cond.notify_all()
+                # Checked under the lock cancel() takes: a job cancelled here never copies.
+                if job.job_id in self.cancelled:
+                    error = "cancelled before its copy started (timed out)"
+                else:
+                    self.copying = job.job_id
+            if error is None:
+                _run_copy_batch(batch, self.num_threads)
+        except Exception as exc:  # reported as a failed job; the caller recomputes
+            error = f"{type(exc).__name__}: {exc}"
+        result = TransferResult(
+            job_id=job.job_id,
+            success=error is None,
+            nbytes=batch.total_bytes if error is None else 0,
+            seconds=time.perf_counter() - submitted,
+            direction=job.direction,
+            error=error,
+        )
+        with self.cond:
+            self.copying = None
+            self.cancelled.discard(job.job_id)
+            self.done.append(result)
+            self.finished.add(job.job_id)
+            self.cond.notify_all()
 
 
 class CpuTransferEngine(TransferEngine):
@@ -164,6 +190,32 @@ class CpuTransferEngine(TransferEngine):
         state = self._state
         with state.cond:
             state.cond.wait_for(lambda: all(j in state.finished or j not in state.in_flight for j in job_ids))
+
+    def wait_for(self, job_ids: Collection[int], timeout: float) -> bool:
+        state = self._state
+        with state.cond:
+            return state.cond.wait_for(
+                lambda: all(j in state.finished or j not in state.in_flight for j in job_ids), max(0.0, timeout)
+            )
+
+    def cancel(self, job_ids: Collection[int]) -> set[int]:
+        state = self._state
+        out: set[int] = set()
+        with state.cond:
+            for j in job_ids:
+                if j in state.in_flight and j not in state.finished and j != state.copying:
+                    state.cancelled.add(j)
+                    out.add(j)
+        return out
+
+    @property
+    def fault_hook(self) -> FaultHook | None:
+        """Test only: run on the copy thread before each job (see :data:`FaultHook`)."""
+        return self._state.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: FaultHook | None) -> None:
+        self._state.fault_hook = hook
 
     def pending(self) -> int:
         with self._state.cond:

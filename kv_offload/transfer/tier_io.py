@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,9 @@ class TierResult:
 
 
 _Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], float]
+#: A test hook run on the tier thread before each job (it may sleep or raise: see
+#: :mod:`kv_offload.testing.faults`); never set outside tests.
+TierFaultHook = Callable[[int, TierOp], None]
 
 
 class TierIO:
@@ -67,6 +70,12 @@ class TierIO:
         self._jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._done: list[TierResult] = []
         self._pending = 0
+        #: jobs cancelled before they started (they never touch the pool) and the job running now
+        self._cancelled: set[int] = set()
+        self._queued: set[int] = set()
+        self._running: int | None = None
+        #: test only, see :data:`TierFaultHook`
+        self.fault_hook: TierFaultHook | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kv_offload-tier-io", daemon=True)
         self._thread.start()
@@ -86,37 +95,62 @@ class TierIO:
             raise ValueError(f"tier job {job_id}: slot {bad[0]} out of range [0, {n})")
         with self._cond:
             self._pending += 1
+            self._queued.add(job_id)
         self._jobs.put((job_id, op, tuple(keys), tuple(int(s) for s in slots), time.perf_counter()))
+
+    def cancel(self, job_ids: Collection[int]) -> set[int]:
+        """Cancel jobs that have not started: the ids returned never touch the pool nor the
+        tier (each still comes back from :meth:`poll`, failed). A running job (a read or
+        write blocked in the tier) cannot be cancelled: its slots stay in use until it ends."""
+        with self._cond:
+            out = {j for j in job_ids if j in self._queued and j != self._running}
+            self._cancelled |= out
+        return out
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
             job_id, op, keys, slots, submitted = item
-            views = [memoryview(self._slots[s]) for s in slots]
-            error: str | None = None
-            try:
-                if op is TierOp.READ:
-                    ok = self.tier.read(keys, views)
-                    if not all(ok) and self._refreshes:
-                        # Blocks another process stored since this tier last looked: the
-                        # scheduler's index saw them first. Look again, once, for those.
-                        self.tier.refresh()
-                        again = [i for i, good in enumerate(ok) if not good]
-                        for i, good in zip(again, self.tier.read([keys[i] for i in again], [views[i] for i in again])):
-                            ok[i] = good
-                else:
-                    ok = self.tier.write(list(zip(keys, views)))
-                success = all(ok)
-                if not success:
-                    error = f"{ok.count(False)} of {len(ok)} blocks not {'read' if op is TierOp.READ else 'written'}"
-            except Exception as exc:  # reported as a failed job; the caller recomputes or skips
-                success, error = False, f"{type(exc).__name__}: {exc}"
-                logger.warning("kv_offload: tier %s job %d failed: %s", op.value, job_id, error)
+            success, error = self._run_one(job_id, op, keys, slots)
             nbytes = len(keys) * self.tier.block_bytes if success else 0
             result = TierResult(job_id, op, success, nbytes, time.perf_counter() - submitted, error)
             with self._cond:
+                self._running = None
+                self._queued.discard(job_id)
+                self._cancelled.discard(job_id)
                 self._done.append(result)
                 self._pending -= 1
                 self._cond.notify_all()
+
+    def _run_one(self, job_id: int, op: TierOp, keys: tuple[bytes, ...], slots: tuple[int, ...]) -> tuple[bool, str | None]:
+        """One job; whatever it raises becomes its failure (the thread never dies of a job)."""
+        try:
+            hook = self.fault_hook
+            if hook is not None:
+                hook(job_id, op)
+            with self._cond:
+                if job_id in self._cancelled:
+                    return False, "cancelled before it started (timed out)"
+                self._running = job_id
+            views = [memoryview(self._slots[s]) for s in slots]
+            if op is TierOp.READ:
+                ok = self.tier.read(keys, views)
+                if not all(ok) and self._refreshes:
+                    # Blocks another process stored since this tier last looked: the
+                    # scheduler's index saw them first. Look again, once, for those.
+                    self.tier.refresh()
+                    again = [i for i, good in enumerate(ok) if not good]
+                    for i, good in zip(again, self.tier.read([keys[i] for i in again], [views[i] for i in again])):
+                        ok[i] = good
+            else:
+                ok = self.tier.write(list(zip(keys, views)))
+            if all(ok):
+                return True, None
+            return False, f"{ok.count(False)} of {len(ok)} blocks not {'read' if op is TierOp.READ else 'written'}"
+        except Exception as exc:  # reported as a failed job; the caller recomputes or skips
+            # Logged once, here, with the exception's type (the worker logs results at debug).
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("kv_offload: tier %s job %d failed: %s", op.value, job_id, error)
+            return False, error
 
     def poll(self) -> list[TierResult]:
         with self._cond:

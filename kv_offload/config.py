@@ -30,7 +30,11 @@ MAX_BYTES = 2**60
 _INT_LIMITS = {
     "store_threshold": (0, 2**31), "max_tracker_size": (1, 10**8), "transfer_threads": (1, 256),
     "min_load_tokens": (0, 2**31), "fail_load_every": (0, 2**31), "fail_store_every": (0, 2**31),
+    "hang_every": (0, 2**31), "hang_ms": (0, 3_600_000), "raise_in_transfer_every": (0, 2**31),
+    "slow_io_ms": (0, 600_000),
 }  # fmt: skip
+#: ``job_timeout_s`` bounds (seconds): a transfer job past it is failed and recomputed.
+_JOB_TIMEOUT_RANGE = (0.001, 86_400.0)
 
 
 class ConfigError(ValueError):
@@ -307,6 +311,21 @@ class OffloadConfig:
     fail_load_every: int = 0
     #: Test only: make every N-th store job fail (nothing is written); 0: never.
     fail_store_every: int = 0
+    #: Seconds a transfer job (load, store, promotion, write-back) may run on a worker before
+    #: it is failed: a load's blocks are reported invalid (vLLM recomputes them), a store's
+    #: slots are freed, and the late completion is never used (a job that may still write
+    #: keeps its pool slots out of use until it really ends). The scheduler settles a job no
+    #: worker reported within twice this.
+    job_timeout_s: float = 60.0
+    #: Test only: every N-th job on a transfer thread (the copy thread, each tier's I/O
+    #: thread) stalls ``hang_ms`` before it starts; 0: never.
+    hang_every: int = 0
+    #: Test only: how long a job picked by ``hang_every`` stalls, in milliseconds.
+    hang_ms: int = 0
+    #: Test only: every N-th job on a transfer thread raises inside that thread; 0: never.
+    raise_in_transfer_every: int = 0
+    #: Test only: every disk tier read and write call is delayed this many milliseconds.
+    slow_io_ms: int = 0
     #: A persistent disk tier below the pool: {"path": DIR, "bytes": "200GiB"[, "threads": 4]}
     #: (None: DRAM only). Stored blocks are written through to it; hits there are promoted
     #: through the pool into the KV cache. Blocks survive restarts and are shared by processes.
@@ -349,6 +368,13 @@ class OffloadConfig:
         for key, (low, high) in _INT_LIMITS.items():
             if key in raw:
                 values[key] = _int_in(key, raw[key], low, high)
+        if "job_timeout_s" in raw:
+            value = raw["job_timeout_s"]
+            _check_type("job_timeout_s", value, (int, float), "a number of seconds")
+            t_low, t_high = _JOB_TIMEOUT_RANGE
+            if not t_low <= value <= t_high:  # NaN fails both comparisons
+                raise ConfigError("job_timeout_s", f"must be between {t_low} and {t_high:g} seconds, got {_show(value)}")
+            values["job_timeout_s"] = float(value)
         if "numa_node" in raw:
             # Linux numbers NUMA nodes below 1024 (MAX_NUMNODES).
             values["numa_node"] = _optional("numa_node", raw["numa_node"], lambda k, v: _int_in(k, v, 0, 1023))

@@ -73,6 +73,9 @@ class JobOutcome:
     nbytes: int
     seconds: float
     is_load: bool
+    #: the worker failed the job at its deadline (``job_timeout_s``); reported only once
+    #: nothing of it can still write the job's pool slots
+    timed_out: bool = False
 
 
 @dataclass

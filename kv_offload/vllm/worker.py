@@ -14,6 +14,15 @@ Per step, in vLLM's call order::
     submit_stores(plan)  after the forward pass (wait_for_save): submit the stores
     poll()               finished loads -> requests done receiving, failed-load blocks
     take_report()        everything that finished, for the scheduler half
+
+Deadlines (``job_timeout_s``). A job its engine or tier has not finished in time is failed
+the normal way (a load's blocks zeroed and reported invalid, so vLLM recomputes them; a
+store's slots freed) once nothing of it can still write the KV cache: queued copies are
+cancelled (the engine checks the flag before copying, per chunk for promotions) and a copy
+already running is waited for (a memory copy, bounded). Its late completion is dropped. A
+tier read that is blocked in the tier may still write its pool slots: the promotion's
+request is released, but the job is reported to the scheduler (whose reservation keeps the
+slots out of use) only when that read really ends.
 """
 
 from __future__ import annotations
@@ -24,21 +33,24 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from kv_offload.backends import BACKENDS, BackendSpec, StorageBackend
-from dataclasses import dataclass, field
-
-from kv_offload.config import DiskConfig, OffloadConfig, RemoteConfig
+from kv_offload.backends import BACKENDS, StorageBackend
+from kv_offload.config import OffloadConfig
 from kv_offload.geometry import KVGeometry
-from kv_offload.transfer import Direction, TransferEngine, TransferError, TransferJob, regions_from_layers
-from kv_offload.transfer.plan import PageRegion
+from kv_offload.transfer import Direction, TransferEngine, TransferJob, regions_from_layers
 from kv_offload.transfer.tier_io import TierIO, TierOp
 from kv_offload.tiers.base import BlockTier
 from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferReport
+from kv_offload.vllm.worker_setup import backend_spec, make_engine, open_disk_tier, open_remote_tier
 
-__all__ = ["WorkerHalf", "make_engine", "backend_spec", "open_disk_tier", "open_remote_tier"]
+if TYPE_CHECKING:
+    from kv_offload.testing.faults import ThreadFaults
+
+__all__ = ["WorkerHalf", "backend_spec", "make_engine", "open_disk_tier", "open_remote_tier"]
 
 # A child of vLLM's logger, so messages show in vLLM's log with its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -56,59 +68,15 @@ class _Promotion:
     started: float
     #: chunk job id -> its slice of the promotion's blocks
     chunks: dict[int, tuple[int, int]] = field(default_factory=dict)
-    reads: int = 0
-    copies: int = 0
+    #: chunks whose tier read is queued or running; chunks whose copy into the KV cache is queued
+    reading: set[int] = field(default_factory=set)
+    copying: set[int] = field(default_factory=set)
     success: bool = True
     nbytes: int = 0
-
-
-def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, rank: int) -> BackendSpec:
-    """The backend spec of one worker: ``cpu_bytes`` is split evenly over the workers."""
-    shm_name = config.shm_name
-    if shm_name is not None and world_size > 1:
-        shm_name = f"{shm_name}.{rank}"
-    return BackendSpec(
-        capacity_bytes=config.cpu_bytes // world_size,
-        geometry=geometry,
-        options=config.backend_options,
-        numa_node=config.numa_node,
-        shm_name=shm_name,
-        pin=config.pin_memory,
-        world_size=world_size,
-        rank=rank,
-    )
-
-
-def open_disk_tier(disk: DiskConfig, block_bytes: int, namespace: bytes, world_size: int = 1) -> BlockTier:
-    """The disk tier of one worker (or the scheduler's view of it): ``disk.capacity_bytes`` is
-    split evenly over the workers, each of which keeps its shards in its own namespace."""
-    from kv_offload.tiers.disk import DiskTier
-
-    return DiskTier(disk.path, disk.capacity_bytes // world_size, namespace, block_bytes, threads=disk.threads)
-
-
-def open_remote_tier(remote: RemoteConfig, block_bytes: int, namespace: bytes) -> BlockTier:
-    """The remote tier of one worker (or the scheduler's lookup client): each worker keeps
-    its shard under its own namespace. Connects now; a store that is down is a warning,
-    and the tier reconnects in the background of its next calls."""
-    from kv_offload.tiers.remote.tier import RemoteTier
-
-    return RemoteTier(remote, namespace, block_bytes)
-
-
-def make_engine(
-    regions: Sequence[PageRegion], pool: torch.Tensor, device: torch.device, num_threads: int
-) -> TransferEngine:
-    """The transfer engine for a KV cache on ``device`` (the one place engines are chosen)."""
-    if device.type == "cuda":
-        from kv_offload.transfer.cuda_engine import CudaTransferEngine  # GPU builds only
-
-        return CudaTransferEngine(regions, pool)  # type: ignore[no-any-return, unused-ignore]
-    if device.type != "cpu":
-        raise ValueError(f"kv_offload has no transfer engine for KV caches on {device.type!r}")
-    from kv_offload.transfer.cpu_engine import CpuTransferEngine
-
-    return CpuTransferEngine(regions, pool, num_threads=num_threads)
+    #: failed at its deadline: no chunk is copied into the KV cache any more
+    timed_out: bool = False
+    #: its request was handed back to vLLM (done receiving)
+    released: bool = False
 
 
 class WorkerHalf:
@@ -137,7 +105,9 @@ class WorkerHalf:
             raise ValueError("kv_offload: a disk or remote tier needs the worker's key namespace")
         if config.disk is not None:
             assert namespace is not None
-            self.tiers["disk"] = open_disk_tier(config.disk, geometry.slot_bytes, namespace, world_size)
+            self.tiers["disk"] = open_disk_tier(
+                config.disk, geometry.slot_bytes, namespace, world_size, io_delay_s=config.slow_io_ms / 1000
+            )
         if config.remote is not None:
             assert namespace is not None
             self.tiers["remote"] = open_remote_tier(config.remote, geometry.slot_bytes, namespace)
@@ -163,6 +133,17 @@ class WorkerHalf:
         self._outcomes: list[JobOutcome] = []
         self._finished_recving: set[str] = set()
         self._invalid_blocks: set[int] = set()
+        #: job (load, store, promotion, write-back) -> when it times out (monotonic seconds)
+        self._deadlines: dict[int, float] = {}
+        self._started: dict[int, float] = {}
+        #: engine and tier jobs settled at their deadline: their late results are dropped
+        self._ignore_engine: set[int] = set()
+        self._ignore_tier: set[int] = set()
+        #: write-backs past their deadline still running in the tier (reported when they end)
+        self._late_writebacks: set[int] = set()
+        #: jobs failed at their deadline since start, by kind (load, store, promote, writeback)
+        self.timed_out: Counter[str] = Counter()
+        self._faults: list[ThreadFaults] = []
 
     # -- set-up --------------------------------------------------------------------------
     def register(self, layers: Sequence[torch.Tensor]) -> None:
@@ -175,6 +156,7 @@ class WorkerHalf:
         self._layers = list(layers)
         regions = regions_from_layers(layers, self.geometry)
         engine = make_engine(regions, pool, layers[0].device, self.config.transfer_threads)
+        self._install_thread_faults(engine)
         if self.config.fail_load_every or self.config.fail_store_every:
             from kv_offload.testing.faults import FaultInjectingEngine
 
@@ -188,6 +170,23 @@ class WorkerHalf:
             self.backend.num_slots(), self.geometry.slot_bytes, len(layers), layers[0].device,
         )  # fmt: skip
 
+    def _install_thread_faults(self, engine: TransferEngine) -> None:
+        """Test only: the config's ``hang_every`` / ``raise_in_transfer_every`` faults, run
+        inside the copy thread and each tier's I/O thread."""
+        if not (self.config.hang_every or self.config.raise_in_transfer_every):
+            return
+        from kv_offload.testing.faults import thread_faults
+
+        hook = thread_faults(self.config, "copy")
+        if hook is not None and hasattr(engine, "fault_hook"):
+            engine.fault_hook = hook
+            self._faults.append(hook)
+        for name, io in self._tier_io.items():
+            tier_hook = thread_faults(self.config, f"{name} I/O")
+            if tier_hook is not None:
+                io.fault_hook = tier_hook
+                self._faults.append(tier_hook)
+
     def _engine(self) -> TransferEngine:
         if self.engine is None:
             raise RuntimeError("kv_offload: KV caches were never registered")
@@ -195,9 +194,23 @@ class WorkerHalf:
 
     # -- per step ------------------------------------------------------------------------
     def flush(self, plan: StepPlan) -> None:
-        """Block until the stores in ``plan.flush`` finished (their blocks are rewritten next)."""
+        """Wait until the stores in ``plan.flush`` finished (their blocks are rewritten next),
+        at most until their deadline: past it, they are cancelled and fail."""
         if plan.flush:
-            self._engine().wait(plan.flush)
+            self._wait_bounded(plan.flush)
+
+    def _wait_bounded(self, job_ids: Sequence[int]) -> None:
+        """Wait for engine jobs until their deadline; then cancel what has not started (it
+        fails, see :meth:`_expire`) and wait for copies already running (bounded)."""
+        engine = self._engine()
+        now = time.monotonic()
+        latest = max((self._deadlines.get(j, now) for j in job_ids), default=now)
+        if engine.wait_for(job_ids, latest - now):
+            return
+        self._expire_due(time.monotonic())
+        running = [j for j in job_ids if j in self._loads or j in self._stores]
+        if running:  # copying now (or an engine that cannot cancel): never left writing
+            engine.wait(running)
 
     def start_loads(self, plan: StepPlan) -> None:
         """Submit the step's loads and promotions; wait for its synchronous loads.
@@ -213,8 +226,8 @@ class WorkerHalf:
         sync = [job.job_id for job in plan.loads if job.sync]
         if sync:
             # Ordering: the forward pass reads these blocks; the copies must be complete
-            # (and a failed one's blocks zeroed and reported) before it starts.
-            self._engine().wait(sync)
+            # (and a failed or timed-out one's blocks zeroed and reported) before it starts.
+            self._wait_bounded(sync)
             self.poll()
         for job in plan.promotes:
             # First leg: tier -> the reserved pool slots, on the tier's thread, chunk by
@@ -226,12 +239,13 @@ class WorkerHalf:
                 self._settle(job.job_id, False, 0, 0.0, True)
                 continue
             promo = self._promotions[job.job_id] = _Promotion(job, time.perf_counter())
+            self._start_clock(job.job_id)
             step = max(1, PROMOTE_CHUNK_BYTES // self.geometry.slot_bytes)
             for begin in range(0, len(job.keys), step):
                 end = min(len(job.keys), begin + step)
                 chunk = next(self._chunk_ids)
                 promo.chunks[chunk] = (begin, end)
-                promo.reads += 1
+                promo.reading.add(chunk)
                 self._chunk_of[chunk] = job.job_id
                 io.read(chunk, job.keys[begin:end], job.slots[begin:end])
 
@@ -245,50 +259,57 @@ class WorkerHalf:
                 self._outcomes.append(JobOutcome(job.job_id, False, 0, 0.0, False))
                 del self._writebacks[job.job_id]
             else:
+                self._start_clock(job.job_id)
                 io.write(job.job_id, job.keys, job.slots)
+
+    def _start_clock(self, job_id: int) -> None:
+        now = time.monotonic()
+        self._started[job_id] = now
+        self._deadlines[job_id] = now + self.config.job_timeout_s
 
     def _submit(self, job: JobSpec, direction: Direction, table: dict[int, JobSpec]) -> None:
         table[job.job_id] = job
+        self._start_clock(job.job_id)
         try:
             self._engine().submit(TransferJob.make(job.job_id, direction, job.device_blocks, job.slots))
-        except TransferError as exc:  # reported like a failed copy; the request recomputes
-            logger.error("kv_offload: %s job %d rejected: %s", direction.value, job.job_id, exc)
+        except Exception as exc:  # reported like a failed copy; the request recomputes
+            logger.error("kv_offload: %s job %d rejected: %s: %s", direction.value, job.job_id, type(exc).__name__, exc)
             self._settle(job.job_id, False, 0, 0.0, direction is Direction.LOAD)
 
     def poll(self) -> None:
-        """Collect finished jobs (never blocks)."""
+        """Collect finished jobs and fail those past their deadline (never blocks)."""
         for done in [d for io in self._tier_io.values() for d in io.poll()]:
+            if done.job_id in self._ignore_tier:
+                self._ignore_tier.discard(done.job_id)  # settled at its deadline
+                continue
             if done.op is TierOp.WRITE:
                 self._writebacks.pop(done.job_id)
+                self._deadlines.pop(done.job_id, None)
+                self._started.pop(done.job_id, None)
+                late = done.job_id in self._late_writebacks
+                self._late_writebacks.discard(done.job_id)
                 if not done.success:
                     logger.debug("kv_offload: write-back %d: %s", done.job_id, done.error)
-                self._outcomes.append(JobOutcome(done.job_id, done.success, done.nbytes, done.seconds, False))
+                self._outcomes.append(JobOutcome(done.job_id, done.success, done.nbytes, done.seconds, False, late))
                 continue
             promo = self._promotions[self._chunk_of[done.job_id]]
-            promo.reads -= 1
+            promo.reading.discard(done.job_id)
             if not done.success:
-                if promo.success:
+                if promo.success and not promo.timed_out:
                     logger.warning("kv_offload: promotion %d failed: %s (recomputed)", promo.job.job_id, done.error)
                 promo.success = False
-            submitted = False
             if promo.success:  # this chunk's second leg: pool -> KV cache
-                begin, end = promo.chunks[done.job_id]
-                try:
-                    self._engine().submit(TransferJob.make(
-                        done.job_id, Direction.LOAD, promo.job.device_blocks[begin:end], promo.job.slots[begin:end]
-                    ))  # fmt: skip
-                    promo.copies += 1
-                    submitted = True
-                except TransferError as exc:
-                    logger.error("kv_offload: promotion %d rejected: %s", promo.job.job_id, exc)
-                    promo.success = False
-            if not submitted:
+                self._copy_chunk(promo, done.job_id)
+            else:
                 del self._chunk_of[done.job_id]
             self._finish_promotion(promo)
         for result in self._engine().poll():
+            if result.job_id in self._ignore_engine:
+                self._ignore_engine.discard(result.job_id)  # settled at its deadline
+                continue
             if result.job_id in self._chunk_of:
                 promo = self._promotions[self._chunk_of.pop(result.job_id)]
-                promo.copies -= 1
+                promo.copying.discard(result.job_id)
                 promo.nbytes += result.nbytes
                 if not result.success:
                     logger.warning("kv_offload: promotion %d failed: %s (recomputed)", promo.job.job_id, result.error)
@@ -299,40 +320,131 @@ class WorkerHalf:
                 logger.warning("kv_offload: %s job %d failed: %s", result.direction.value, result.job_id, result.error)
             self._settle(result.job_id, result.success, result.nbytes, result.seconds,
                          result.direction is Direction.LOAD)  # fmt: skip
+        self._expire_due(time.monotonic())
+
+    def _copy_chunk(self, promo: _Promotion, chunk: int) -> None:
+        begin, end = promo.chunks[chunk]
+        try:
+            self._engine().submit(TransferJob.make(
+                chunk, Direction.LOAD, promo.job.device_blocks[begin:end], promo.job.slots[begin:end]
+            ))  # fmt: skip
+            promo.copying.add(chunk)
+        except Exception as exc:
+            logger.error("kv_offload: promotion %d rejected: %s: %s", promo.job.job_id, type(exc).__name__, exc)
+            promo.success = False
+            del self._chunk_of[chunk]
+
+    # -- deadlines -----------------------------------------------------------------------
+    def _expire_due(self, now: float) -> None:
+        for job_id in [j for j, when in self._deadlines.items() if when <= now]:
+            self._expire(job_id)
+
+    def _expire(self, job_id: int) -> None:
+        """Fail a job past its deadline, as far as that is safe now (see the module doc)."""
+        waited = time.monotonic() - self._started.get(job_id, time.monotonic())
+        promo = self._promotions.get(job_id)
+        if promo is not None:
+            self._expire_promotion(promo, waited)
+            return
+        writeback = self._writebacks.get(job_id)
+        if writeback is not None:
+            del self._deadlines[job_id]
+            self.timed_out["writeback"] += 1
+            logger.warning("kv_offload: write-back %d timed out after %.2f s", job_id, waited)
+            if self._tier_io[writeback.tier].cancel([job_id]):
+                self._ignore_tier.add(job_id)
+                del self._writebacks[job_id]
+                self._started.pop(job_id, None)
+                self._outcomes.append(JobOutcome(job_id, False, 0, waited, False, True))
+            else:  # blocked in the tier, reading its (pinned) slots: reported when it ends
+                self._late_writebacks.add(job_id)
+            return
+        is_load = job_id in self._loads
+        if not is_load and job_id not in self._stores:
+            self._deadlines.pop(job_id, None)
+            return
+        if not self._engine().cancel([job_id]):
+            return  # copying right now (or an engine that cannot cancel): it settles when done
+        self._ignore_engine.add(job_id)
+        kind = "load" if is_load else "store"
+        self.timed_out[kind] += 1
+        logger.warning(
+            "kv_offload: %s job %d timed out after %.2f s (cancelled before its copy; %s)",
+            kind, job_id, waited, "recomputed" if is_load else "not stored",
+        )  # fmt: skip
+        self._settle(job_id, False, 0, waited, is_load, timed_out=True)
+
+    def _expire_promotion(self, promo: _Promotion, waited: float) -> None:
+        job_id = promo.job.job_id
+        del self._deadlines[job_id]
+        promo.timed_out = True
+        promo.success = False
+        self.timed_out["promote"] += 1
+        # Reads not started never write their slots; copies not started never write the KV
+        # cache. A read blocked in the tier keeps the job open (its slots stay reserved).
+        for chunk in self._tier_io[promo.job.tier].cancel(promo.reading):
+            promo.reading.discard(chunk)
+            self._chunk_of.pop(chunk, None)
+            self._ignore_tier.add(chunk)
+        for chunk in self._engine().cancel(promo.copying):
+            promo.copying.discard(chunk)
+            self._chunk_of.pop(chunk, None)
+            self._ignore_engine.add(chunk)
+        logger.warning(
+            "kv_offload: promotion %d from %s timed out after %.2f s (recomputed; %d reads still in the tier)",
+            job_id, promo.job.tier, waited, len(promo.reading),
+        )  # fmt: skip
+        self._finish_promotion(promo)
 
     def _finish_promotion(self, promo: _Promotion) -> None:
-        """Settle a promotion once none of its chunks is read or copied any more (a failed
-        one only then: its blocks are zeroed after every copy into them ended)."""
-        if promo.reads or promo.copies:
+        """Hand the request back once no chunk can still be copied into its KV cache blocks
+        (a failed one's blocks are zeroed after every copy into them ended); report the job
+        once no read can still write its pool slots either."""
+        job = promo.job
+        if not promo.released and not promo.copying and (promo.timed_out or not promo.reading):
+            promo.released = True
+            self._release(job, promo.success)
+        if promo.reading or promo.copying:
             return
-        job_id = promo.job.job_id
-        del self._promotions[job_id]
+        del self._promotions[job.job_id]
+        del self._loads[job.job_id]
+        self._deadlines.pop(job.job_id, None)
+        self._started.pop(job.job_id, None)
         for chunk in promo.chunks:
             self._chunk_of.pop(chunk, None)
         # Both legs, overlapped: from submission to the last copy.
         seconds = time.perf_counter() - promo.started
-        self._settle(job_id, promo.success, promo.nbytes if promo.success else 0, seconds, True)
+        nbytes = promo.nbytes if promo.success else 0
+        self._outcomes.append(JobOutcome(job.job_id, promo.success, nbytes, seconds, True, promo.timed_out))
 
-    def _settle(self, job_id: int, success: bool, nbytes: int, seconds: float, is_load: bool) -> None:
+    def _release(self, job: JobSpec, success: bool) -> None:
+        """A load or promotion is over for vLLM: its request is done receiving once every
+        load and promotion of it is (vLLM schedules it then, so its blocks must all be in
+        place: a synchronous load's request was never waiting); a failed one's blocks are
+        zeroed and reported invalid, so vLLM recomputes them."""
+        assert job.req_id is not None
+        if not job.sync:
+            self._receiving[job.req_id] -= 1
+            if self._receiving[job.req_id] <= 0:
+                del self._receiving[job.req_id]
+                self._finished_recving.add(job.req_id)
+        if not success:
+            self._clear_blocks(job.device_blocks)
+            self._invalid_blocks.update(job.device_blocks)
+
+    def _settle(
+        self, job_id: int, success: bool, nbytes: int, seconds: float, is_load: bool, timed_out: bool = False
+    ) -> None:
+        self._deadlines.pop(job_id, None)
+        self._started.pop(job_id, None)
         if is_load:
             job = self._loads.pop(job_id)
-            assert job.req_id is not None
-            # Done receiving once every load and promotion of the request settled: vLLM
-            # schedules it then, and its blocks must all be in place. (A synchronous load's
-            # request was never waiting: vLLM scheduled it with the load.)
-            if not job.sync:
-                self._receiving[job.req_id] -= 1
-                if self._receiving[job.req_id] <= 0:
-                    del self._receiving[job.req_id]
-                    self._finished_recving.add(job.req_id)
-            if not success:
-                self._clear_blocks(job.device_blocks)
-                self._invalid_blocks.update(job.device_blocks)
+            self._release(job, success)
         else:
             job = self._stores.pop(job_id)
             if success and self._after_store is not None:
                 self._after_store.submit(self._on_stored, job.slots)
-        self._outcomes.append(JobOutcome(job_id, success, nbytes, seconds, is_load))
+        self._outcomes.append(JobOutcome(job_id, success, nbytes, seconds, is_load, timed_out))
 
     def _on_stored(self, slots: Sequence[int]) -> None:
         try:
@@ -406,6 +518,8 @@ class WorkerHalf:
 
     def shutdown(self) -> None:
         """Finish every job in flight, then release the engine and the pool."""
+        for fault in self._faults:  # test only: end injected stalls, the threads must finish
+            fault.release()
         for io in self._tier_io.values():
             io.wait_all()
         if self.engine is not None:

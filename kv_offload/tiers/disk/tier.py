@@ -104,15 +104,17 @@ class DiskTier(SegmentSet, BlockTier):
     group- or world-writable). ``threads``: I/O threads for batches. ``policy``: an eviction
     policy name from ``kv_offload.policies.POLICIES`` or an instance. ``segment_bytes``: target
     segment size (default 256 MiB, or capacity/64 when larger). ``fault_hook``: a test hook, see
-    :data:`~kv_offload.tiers.disk.segment.FaultHook`.
+    :data:`~kv_offload.tiers.disk.segment.FaultHook`. ``io_delay_s``: test only, every
+    :meth:`read` and :meth:`write` call first sleeps this long (slow I/O, config ``slow_io_ms``).
     """
 
     def __init__(
         self, path: str | os.PathLike[str], capacity_bytes: int, namespace: bytes, block_bytes: int, *,
         threads: int = 4, policy: str | EvictionPolicy = "lru", segment_bytes: int | None = None,
-        fault_hook: FaultHook | None = None,
+        fault_hook: FaultHook | None = None, io_delay_s: float = 0.0,
     ) -> None:  # fmt: skip
         super().__init__(namespace, block_bytes)
+        self.io_delay_s = io_delay_s
         if not isinstance(capacity_bytes, int) or capacity_bytes < block_bytes:
             raise ValueError(f"capacity_bytes must be an int >= block_bytes ({block_bytes}), got {capacity_bytes!r}")
         if not isinstance(threads, int) or threads < 1:
@@ -306,6 +308,8 @@ class DiskTier(SegmentSet, BlockTier):
             if len(view) != self.block_bytes:
                 raise ValueError(f"write item {i}: block is {len(view)} bytes, this tier's blocks are {self.block_bytes}")
             views.append(view)
+        if self.io_delay_s > 0:
+            time.sleep(self.io_delay_s)
         if not self._enter():
             raise RuntimeError("disk tier is closed")
         try:
@@ -399,6 +403,8 @@ class DiskTier(SegmentSet, BlockTier):
             if view.readonly or len(view) != self.block_bytes:
                 raise ValueError(f"read destination {i} must be a writable buffer of {self.block_bytes} bytes")
             dests.append(view)
+        if self.io_delay_s > 0:
+            time.sleep(self.io_delay_s)
         if not self._enter():
             raise RuntimeError("disk tier is closed")
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OffloadCounters"]
+__all__ = ["GAUGE_FIELDS", "OffloadCounters"]
 
 
 @dataclass
@@ -46,11 +46,33 @@ class OffloadCounters:
     remote_failed_promotes: int = 0
     remote_failed_writebacks: int = 0
     flushes: int = 0
+    #: jobs failed at their deadline (by a worker at ``job_timeout_s``, or by the scheduler's
+    #: backstop when no worker reported them), by kind
+    timed_out_loads: int = 0
+    timed_out_stores: int = 0
+    timed_out_promotes: int = 0
+    timed_out_writebacks: int = 0
     #: per finished job: (direction, bytes, seconds), for throughput histograms
     transfers: list[tuple[str, int, float]] = field(default_factory=list)
+    #: gauges (values now, not deltas): pool blocks protected for loads, reserved for stores
+    #: (and promotions), jobs not settled, slots held by jobs the backstop timed out
+    pool_reading_blocks: int = 0
+    pool_writing_blocks: int = 0
+    pending_jobs: int = 0
+    quarantined_slots: int = 0
+    #: whether a gauge moved since the counters were last taken (not exported)
+    gauges_changed: bool = False
 
     def any(self) -> bool:
-        return any(v for k, v in self.__dict__.items())
+        """Whether anything is worth reporting: a counter, or a gauge that moved."""
+        return self.gauges_changed or any(v for k, v in self.__dict__.items() if k not in GAUGE_FIELDS)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        del out["gauges_changed"]
+        return out
+
+
+#: the fields of :class:`OffloadCounters` that are gauges
+GAUGE_FIELDS = frozenset({"pool_reading_blocks", "pool_writing_blocks", "pending_jobs", "quarantined_slots",
+                          "gauges_changed"})  # fmt: skip

@@ -24,8 +24,8 @@ Ordering rules it enforces (see docs/architecture.md):
 
 from __future__ import annotations
 
-import enum
 import itertools
+import logging
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -36,9 +36,15 @@ from kv_offload.config import OffloadConfig
 from kv_offload.keys import DIGEST_BYTES, ExtraKeys, KeyChain
 from kv_offload.manager import OffloadManager
 from kv_offload.vllm.counters import OffloadCounters
+from kv_offload.vllm.jobs import Job as _Job
+from kv_offload.vllm.jobs import Kind as _Kind
+from kv_offload.vllm.lower_tiers import REMOTE_RETRY_S, TIER_ORDER, LowerTier, TierIndex
 from kv_offload.vllm.metadata import JobSpec, StepPlan, TransferReport
 
-__all__ = ["RequestView", "ScheduledRequest", "SchedulerHalf", "OffloadCounters"]
+__all__ = ["REMOTE_RETRY_S", "TIER_ORDER", "OffloadCounters", "RequestView", "ScheduledRequest", "SchedulerHalf",
+           "TierIndex"]  # fmt: skip
+
+logger = logging.getLogger(f"vllm.{__name__}")
 
 
 class RequestView(Protocol):
@@ -64,72 +70,6 @@ class ScheduledRequest:
     num_computed_tokens: int
     num_new_tokens: int
     block_ids: Sequence[int]
-
-
-class _Kind(enum.Enum):
-    LOAD = "load"
-    STORE = "store"
-    #: lower tier (disk, remote) -> pool -> KV cache
-    PROMOTE = "promote"
-    #: pool -> lower tier
-    WRITEBACK = "writeback"
-
-#: the lower tiers, top to bottom: a block is looked up in this order below the pool
-TIER_ORDER = ("disk", "remote")
-#: seconds before a block whose promotion from the remote tier failed is offered again
-REMOTE_RETRY_S = 30.0
-
-
-class TierIndex(Protocol):
-    """What the scheduler asks of a tier below the pool: which blocks it holds, without
-    waiting (the disk tier's in-memory index; the remote tier's
-    :class:`~kv_offload.tiers.remote.lookup.RemoteIndex`). ``None`` means "not known yet"
-    (a lookup still in flight): the request is asked about again next step, and the step
-    never waits for a slow tier."""
-
-    def contains(self, keys: Sequence[bytes]) -> list[bool] | None: ...
-
-
-@dataclass
-class _LowerTier:
-    """The scheduler's view of one tier below the pool."""
-
-    name: str
-    index: TierIndex
-    #: completed stores are written through to it
-    write: bool = True
-    #: blocks our workers wrote there (the index may learn of them only later)
-    written: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    #: blocks whose promotion failed -> when: not offered from this tier again by this
-    #: scheduler (a corrupt block in a live process's disk segment stays listed; offering it
-    #: again would make the request that recomputes retry the same failing promotion forever)
-    failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
-    #: how long a failed block stays refused (None: for good). The remote tier's failures
-    #: are mostly outages, and another instance may store the block again: it is asked
-    #: about again after a while.
-    failed_ttl_s: float | None = None
-
-    def refuses(self, key: bytes) -> bool:
-        when = self.failed.get(key)
-        if when is None:
-            return False
-        if self.failed_ttl_s is not None and time.monotonic() - when > self.failed_ttl_s:
-            del self.failed[key]
-            return False
-        return True
-    #: keys whose store completed, to write through next step
-    queue: list[bytes] = field(default_factory=list)
-
-
-@dataclass
-class _Job:
-    kind: _Kind
-    keys: tuple[bytes, ...]
-    device_blocks: tuple[int, ...]
-    reports: int = 0
-    success: bool = True
-    #: the lower tier of a promotion or write-back
-    tier: str = ""
 
 
 @dataclass
@@ -170,6 +110,7 @@ class SchedulerHalf:
         remote: the remote tier's index (None: no remote tier), below the disk: the same.
         remote_write: write completed stores through to the remote tier (false: a
             read-only consumer of a store others fill).
+        clock: monotonic seconds, for the backstop on jobs no worker reports (tests step it).
     """
 
     def __init__(
@@ -184,6 +125,7 @@ class SchedulerHalf:
         disk: TierIndex | None = None,
         remote: TierIndex | None = None,
         remote_write: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if len(namespace) != DIGEST_BYTES:
             raise ValueError(f"namespace must be a {DIGEST_BYTES}-byte digest, got {len(namespace)} bytes")
@@ -196,16 +138,23 @@ class SchedulerHalf:
         self.disk = disk
         self.remote = remote
         #: the lower tiers in lookup order (disk above remote)
-        self.tiers: dict[str, _LowerTier] = {}
+        self.tiers: dict[str, LowerTier] = {}
         if disk is not None:
-            self.tiers["disk"] = _LowerTier("disk", disk)
+            self.tiers["disk"] = LowerTier("disk", disk)
         if remote is not None:
-            self.tiers["remote"] = _LowerTier("remote", remote, write=remote_write, failed_ttl_s=REMOTE_RETRY_S)
+            self.tiers["remote"] = LowerTier("remote", remote, write=remote_write, failed_ttl_s=REMOTE_RETRY_S)
         self._reqs: dict[str, _ReqState] = {}
         #: request -> (first block, pool hits, hits of each lower tier in order, load sync)
         self._matches: dict[str, tuple[int, int, tuple[int, ...], bool]] = {}
         self._jobs: dict[int, _Job] = {}
         self._job_ids = itertools.count(1)
+        self._last_job_id = 0
+        #: jobs the backstop timed out whose slots stay out of use until a report arrives
+        self._quarantine: dict[int, _Job] = {}
+        self._clock = clock
+        #: how long a job may go unreported: the workers fail their own at job_timeout_s
+        self.backstop_s = 2 * config.job_timeout_s
+        self._gauges_taken: dict[str, int] = {}
         #: device block -> store jobs still reading it
         self._reading: defaultdict[int, set[int]] = defaultdict(set)
         self._step_loads: list[JobSpec] = []
@@ -264,7 +213,7 @@ class SchedulerHalf:
         return total * bs, not sync
 
     @staticmethod
-    def _tier_run(tier: _LowerTier, keys: Sequence[bytes]) -> int | None:
+    def _tier_run(tier: LowerTier, keys: Sequence[bytes]) -> int | None:
         """How many leading ``keys`` ``tier`` holds (``None``: not known yet)."""
         n = 0
         while n < len(keys) and keys[n] in tier.written and not tier.refuses(keys[n]):
@@ -303,8 +252,7 @@ class SchedulerHalf:
         from_pool = min(n, hits)
         if from_pool:
             slots = self.manager.prepare_load(keys[:from_pool])
-            job_id = next(self._job_ids)
-            self._jobs[job_id] = _Job(_Kind.LOAD, keys[:from_pool], device_blocks[:from_pool])
+            job_id = self._new_job(_Kind.LOAD, keys[:from_pool], device_blocks[:from_pool])
             self._step_loads.append(JobSpec(job_id, device_blocks[:from_pool], tuple(slots), req_id, sync=sync))
         begin = from_pool
         for tier, run in zip(self.tiers.values(), runs):
@@ -329,15 +277,19 @@ class SchedulerHalf:
         and fails at once on the worker, and vLLM recomputes those blocks.
         """
         plan = self.manager.prepare_store(keys, keep=state.kept)
-        job_id = next(self._job_ids)
         if plan is None or plan.keys != keys:
             if plan is not None and plan.keys:
                 self.manager.complete_store(plan.keys, success=False)
-            self._jobs[job_id] = _Job(_Kind.PROMOTE, (), device_blocks, tier=tier)
+            job_id = self._new_job(_Kind.PROMOTE, (), device_blocks, tier)
             self._step_promotes.append(JobSpec(job_id, device_blocks, (), req_id, tier=tier))
             return
-        self._jobs[job_id] = _Job(_Kind.PROMOTE, keys, device_blocks, tier=tier)
+        job_id = self._new_job(_Kind.PROMOTE, keys, device_blocks, tier)
         self._step_promotes.append(JobSpec(job_id, device_blocks, plan.slots, req_id, keys, tier=tier))
+
+    def _new_job(self, kind: _Kind, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], tier: str = "") -> int:
+        job_id = self._last_job_id = next(self._job_ids)
+        self._jobs[job_id] = _Job(kind, keys, device_blocks, tier=tier, deadline=self._clock() + self.backstop_s)
+        return job_id
 
     def on_finished(self, request: RequestView) -> None:
         """``request`` finished or was aborted. Its jobs stay tracked until they settle."""
@@ -350,6 +302,7 @@ class SchedulerHalf:
     ) -> StepPlan:
         """The step's plan: fences first, then this step's loads and stores."""
         scheduled = list(scheduled)
+        self._expire_jobs()
         bs = self.block_size
         loads, self._step_loads = self._step_loads, []
         promotes, self._step_promotes = self._step_promotes, []
@@ -384,8 +337,7 @@ class SchedulerHalf:
             if not keys:
                 continue
             slots = self.manager.pin(keys)
-            job_id = next(self._job_ids)
-            self._jobs[job_id] = _Job(_Kind.WRITEBACK, keys, (), tier=tier.name)
+            job_id = self._new_job(_Kind.WRITEBACK, keys, (), tier.name)
             jobs.append(JobSpec(job_id, (), tuple(slots), None, keys, tier=tier.name))
         return tuple(jobs)
 
@@ -425,8 +377,7 @@ class SchedulerHalf:
             return None
         where = {key: int(s.block_ids[begin + i]) for i, key in enumerate(offer)}
         device_blocks = tuple(where[key] for key in plan.keys)
-        job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(_Kind.STORE, plan.keys, device_blocks)
+        job_id = self._new_job(_Kind.STORE, plan.keys, device_blocks)
         for block in device_blocks:
             self._reading[block].add(job_id)
         return JobSpec(job_id, device_blocks, plan.slots)
@@ -436,18 +387,28 @@ class SchedulerHalf:
         """Settle jobs once every worker reported them."""
         for outcome in report.outcomes:
             job = self._jobs.get(outcome.job_id)
+            late = job is None
             if job is None:
+                job = self._quarantine.get(outcome.job_id)
+            if job is None:
+                if 0 < outcome.job_id <= self._last_job_id:
+                    logger.debug("kv_offload: late report for job %d, settled already: ignored", outcome.job_id)
+                    continue
                 raise RuntimeError(f"kv_offload: report for unknown job {outcome.job_id}")
+            if outcome.timed_out and not job.timed_out:  # a worker failed it at its deadline
+                job.timed_out = True
+                setattr(self._counters, job.counter, getattr(self._counters, job.counter) + 1)
             job.reports += 1
-            job.success = job.success and outcome.success
-            if outcome.success:
+            # A job the backstop timed out settles as a failure whatever it reports.
+            job.success = job.success and outcome.success and not late
+            if outcome.success and not late:
                 # Per-job throughput by path: load (pool -> KV cache), store, promote (disk ->
                 # pool -> KV cache, both legs), writeback (pool -> disk), and the same two for
                 # the remote tier.
                 # The remote tier's paths are "remote_promote" and "remote_writeback".
                 path = job.kind.value if job.tier in ("", "disk") else f"{job.tier}_{job.kind.value}"
                 self._counters.transfers.append((path, outcome.nbytes, outcome.seconds))
-            if outcome.success and job.kind is not _Kind.WRITEBACK:
+            if outcome.success and not late and job.kind is not _Kind.WRITEBACK:
                 loading = job.kind is not _Kind.STORE
                 if loading:
                     self._counters.loaded_bytes += outcome.nbytes
@@ -457,8 +418,37 @@ class SchedulerHalf:
                     self._counters.store_seconds += outcome.seconds
             if job.reports < self.world_size:
                 continue
-            del self._jobs[outcome.job_id]
+            if late:
+                logger.debug("kv_offload: late report for timed-out job %d: its slots are freed", outcome.job_id)
+                del self._quarantine[outcome.job_id]
+            else:
+                del self._jobs[outcome.job_id]
             self._settle(outcome.job_id, job)
+
+    def _expire_jobs(self) -> None:
+        """The backstop: a job no worker reported in ``backstop_s`` is timed out (see
+        :mod:`kv_offload.vllm.jobs`): counted, no longer pending, its store fence lifted (a late
+        report can only fail it, so nothing it read is ever used), its slots quarantined."""
+        now = self._clock()
+        for job_id in [j for j, job in self._jobs.items() if job.deadline <= now]:
+            job = self._jobs.pop(job_id)
+            self._quarantine[job_id] = job
+            if not job.timed_out:
+                job.timed_out = True
+                setattr(self._counters, job.counter, getattr(self._counters, job.counter) + 1)
+            self._lift_fences(job_id, job)
+            logger.warning(
+                "kv_offload: no worker reported %s job %d within %.1f s: settled as failed; its %d pool"
+                " slots stay out of use until a report arrives", job.kind.value, job_id, self.backstop_s, len(job.keys),
+            )  # fmt: skip
+
+    def _lift_fences(self, job_id: int, job: _Job) -> None:
+        for block in job.device_blocks if job.kind is _Kind.STORE else ():
+            readers = self._reading.get(block)
+            if readers is not None:
+                readers.discard(job_id)
+                if not readers:
+                    del self._reading[block]
 
     def _settle(self, job_id: int, job: _Job) -> None:
         counters = self._counters
@@ -533,12 +523,7 @@ class SchedulerHalf:
                         tier.queue.extend(job.keys)
             else:
                 counters.failed_stores += 1
-            for block in job.device_blocks:
-                readers = self._reading.get(block)
-                if readers is not None:
-                    readers.discard(job_id)
-                    if not readers:
-                        del self._reading[block]
+            self._lift_fences(job_id, job)
 
     def _bound(self, keys: "OrderedDict[bytes, Any]") -> None:
         while len(keys) > max(1024, 4 * self.manager.num_slots):
@@ -558,9 +543,24 @@ class SchedulerHalf:
         self._evictions_seen, self._invalidated_seen = stats.evictions, stats.invalidated
 
     def take_counters(self) -> OffloadCounters:
+        """Counters since the last call, and the gauges now (``changed``: any gauge moved)."""
         self._note_evictions()
+        self._expire_jobs()
         counters, self._counters = self._counters, OffloadCounters()
+        gauges = {
+            "pool_reading_blocks": self.manager.num_reading, "pool_writing_blocks": self.manager.num_writing,
+            "pending_jobs": self.num_pending_jobs, "quarantined_slots": self.num_quarantined_slots,
+        }  # fmt: skip
+        for name, value in gauges.items():
+            setattr(counters, name, value)
+        counters.gauges_changed = gauges != self._gauges_taken
+        self._gauges_taken = gauges
         return counters
+
+    @property
+    def num_quarantined_slots(self) -> int:
+        """Pool slots held by jobs the backstop timed out (until their late report)."""
+        return sum(len(job.keys) for job in self._quarantine.values())
 
     @property
     def num_pending_jobs(self) -> int:
@@ -574,6 +574,7 @@ class SchedulerHalf:
     def check_settled(self) -> None:
         """Assert the accounting is back to rest: no job, reservation or fence left over."""
         assert not self._jobs, f"{len(self._jobs)} jobs not settled"
+        assert not self._quarantine, f"{len(self._quarantine)} timed-out jobs still hold {self.num_quarantined_slots} slots"
         assert not self._reading, f"fences left on blocks {sorted(self._reading)[:8]}"
         assert not self._step_loads and not self._step_promotes, "loads planned but never shipped"
         assert not any(t.queue for t in self.tiers.values()), "write-backs queued but never planned"

@@ -24,6 +24,13 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:failed_writebacks_total``      write-backs that failed (the blocks stay DRAM-only)
 ``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``: load,
                                             store, promote (disk -> pool -> KV cache), writeback
+``kv_offload:timed_out_jobs_total``         jobs failed at their deadline, label ``direction``
+                                            (load, store, promote, writeback)
+``kv_offload:pool_reading_blocks``          gauge: pool blocks protected for loads
+``kv_offload:pool_writing_blocks``          gauge: pool blocks reserved for stores and promotions
+``kv_offload:pending_jobs``                 gauge: transfer jobs not settled
+``kv_offload:quarantined_slots``            gauge: pool slots held by timed-out jobs a worker
+                                            may still write (freed by their late report)
 ``kv_offload:pool_used_blocks``             gauge: blocks held
 ``kv_offload:pool_capacity_blocks``         gauge: pool size in blocks
 ``kv_offload:pool_usage_ratio``             gauge: used / capacity
@@ -70,7 +77,16 @@ GAUGES: dict[str, tuple[str, str]] = {
     "disk_used_blocks": ("kv_offload:disk_used_blocks", "KV blocks held by the disk tier (rank 0)."),
     "disk_capacity_blocks": ("kv_offload:disk_capacity_blocks", "Capacity of the disk tier in KV blocks (rank 0)."),
     "remote_connected": ("kv_offload:remote_connected", "1 while the remote store is connected (rank 0)."),
+    "pool_reading_blocks": ("kv_offload:pool_reading_blocks", "Pool blocks protected for loads in flight."),
+    "pool_writing_blocks": ("kv_offload:pool_writing_blocks", "Pool blocks reserved for stores and promotions in flight."),
+    "pending_jobs": ("kv_offload:pending_jobs", "Transfer jobs not settled yet."),
+    "quarantined_slots": (
+        "kv_offload:quarantined_slots", "Pool slots held by timed-out jobs a worker may still write.",
+    ),
 }
+#: data key -> ``direction`` label of ``kv_offload:timed_out_jobs``
+TIMED_OUT = {"timed_out_loads": "load", "timed_out_stores": "store", "timed_out_promotes": "promote",
+             "timed_out_writebacks": "writeback"}  # fmt: skip
 #: Per-tier families (label ``tier``): metric -> (help, {tier: how to read it from ``data``}).
 #: A reader is a data key, or a tuple (key, minus keys...) for a difference.
 TIERED: dict[str, tuple[str, dict[str, str | tuple[str, ...]]]] = {
@@ -154,6 +170,7 @@ class KVOffloadStats(KVConnectorStats):
             out[f"{key.split('_')[0]}_gbps"] = round(d.get(direction, 0) / seconds / 1e9, 3) if seconds else 0.0
         out["failed_transfers"] = d.get("failed_loads", 0) + d.get("failed_stores", 0)
         out["evicted_blocks"] = d.get("evicted_blocks", 0)
+        out["timed_out_jobs"] = sum(d.get(key, 0) for key in TIMED_OUT)
         if d.get("pool_capacity_blocks"):
             out["pool_usage"] = round(d.get("pool_used_blocks", 0) / d["pool_capacity_blocks"], 4)
         return out
@@ -197,6 +214,10 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
             name="kv_offload:failed_transfers", documentation="Failed transfer jobs, by direction.",
             labelnames=directed,
         )  # fmt: skip
+        self._timed_out = counter(
+            name="kv_offload:timed_out_jobs", documentation="Transfer jobs failed at their deadline, by direction.",
+            labelnames=directed,
+        )  # fmt: skip
         self._gbps = histogram(
             name="kv_offload:transfer_throughput_gbps", documentation="Throughput of each transfer job, GB/s.",
             labelnames=directed, buckets=_GBPS_BUCKETS,
@@ -226,6 +247,8 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
             for direction in ("load", "store"):
                 self._seconds.labels(*labels, direction)
                 self._failed.labels(*labels, direction)
+            for direction in TIMED_OUT.values():
+                self._timed_out.labels(*labels, direction)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues[engine_idx]
@@ -257,6 +280,9 @@ class KVOffloadPromMetrics(KVConnectorPromMetrics):
             failed = d.get(f"failed_{direction}s", 0)
             if failed:
                 self._failed.labels(*labels, direction).inc(failed)
+        for key, direction in TIMED_OUT.items():
+            if d.get(key):
+                self._timed_out.labels(*labels, direction).inc(d[key])
         for direction, nbytes, seconds in d.get("transfers", ()):
             if seconds > 0:
                 self._gbps.labels(*labels, direction).observe(nbytes / seconds / 1e9)

@@ -52,11 +52,41 @@ class UnsafeSegmentFile(OSError):
     another user's file, a hard link): never used."""
 
 
+#: ``open`` errors that say what sits at a segment's name is not a file of ours to use.
+_UNSAFE_OPEN = {
+    errno.ELOOP: "a symlink; not following it", errno.EISDIR: "a directory",
+    errno.ENXIO: "a socket or a device with nothing behind it", errno.ENODEV: "a device",
+}  # fmt: skip
+_KINDS = {stat.S_IFLNK: "a symlink; not following it", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+          stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+
+
+def _open_named(dir_fd: int, name: str, flags: int) -> int:
+    """``os.open`` of ``name`` under ``dir_fd``; a symlink, a directory, a socket or a device
+    there is :class:`UnsafeSegmentFile` (skipped with a warning, and another name is used),
+    not an I/O error (a directory or a socket planted at a segment name used to stop every
+    write: found by tests/test_disk_planted_links.py). Whatever the errno (a device on a
+    ``nodev`` mount is EACCES), a name that is not a regular file is unsafe."""
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in _UNSAFE_OPEN:
+            raise UnsafeSegmentFile(e.errno, _UNSAFE_OPEN[e.errno], name) from None
+        try:
+            kind = stat.S_IFMT(os.lstat(name, dir_fd=dir_fd).st_mode)
+        except OSError:
+            raise e from None
+        if kind in _KINDS:
+            raise UnsafeSegmentFile(e.errno, _KINDS[kind], name) from None
+        raise
+
+
 def check_segment_file(fd: int, name: str) -> None:
     """Refuse an opened segment file that is not a regular file owned by us with one link."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafeSegmentFile(errno.EINVAL, "not a regular file", name)
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "unknown type")
+        raise UnsafeSegmentFile(errno.EINVAL, f"not a regular file: {kind}", name)
     if st.st_uid != os.geteuid():
         raise UnsafeSegmentFile(errno.EPERM, f"owned by uid {st.st_uid}, not by this user", name)
     if st.st_nlink != 1:
@@ -139,22 +169,22 @@ class Segment:
         try:
             if create:
                 try:
-                    idx = os.open(stem + ".idx", flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+                    idx = _open_named(dir_fd, stem + ".idx", flags | os.O_CREAT | os.O_EXCL)
                     made = True
                 except FileExistsError:
-                    idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
+                    idx = _open_named(dir_fd, stem + ".idx", flags)
             else:
-                idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
+                idx = _open_named(dir_fd, stem + ".idx", flags)
         except OSError as e:
             if create or e.errno not in (errno.EROFS, errno.EACCES):
                 raise
             flags = os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK
-            idx = os.open(stem + ".idx", flags, dir_fd=dir_fd)
+            idx = _open_named(dir_fd, stem + ".idx", flags)
         dat = -1
         try:
             check_segment_file(idx, stem + ".idx")
             try:
-                dat = os.open(stem + ".dat", flags | direct_flag(direct) | (os.O_CREAT if made else 0), 0o600, dir_fd=dir_fd)
+                dat = _open_named(dir_fd, stem + ".dat", flags | direct_flag(direct) | (os.O_CREAT if made else 0))
             except FileNotFoundError:
                 dat = -1
             if dat >= 0:
@@ -175,7 +205,7 @@ class Segment:
         if self.dat_fd >= 0:
             return False
         flags = os.O_RDWR | NOFOLLOW | os.O_NONBLOCK | os.O_CREAT | direct_flag(self.direct)
-        fd = os.open(self.stem + ".dat", flags, 0o600, dir_fd=self.dir_fd)
+        fd = _open_named(self.dir_fd, self.stem + ".dat", flags)
         try:
             check_segment_file(fd, self.stem + ".dat")
         except BaseException:

@@ -9,7 +9,6 @@ reads into new structures and swaps them in under the lock; claims are serialize
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -140,13 +139,8 @@ class SegmentSet:
                 stem = Segment.stem_for(self.block_bytes, n)
                 try:
                     seg = Segment.open(self._ns_fd, stem, direct=self.direct, create=True)
-                except UnsafeSegmentFile as e:
+                except UnsafeSegmentFile as e:  # a symlink, a directory, a FIFO, ... at that name
                     self._skip_file(stem, e)
-                    continue
-                except OSError as e:
-                    if e.errno != errno.ELOOP:
-                        raise
-                    self._skip_file(stem, OSError(e.errno, "a symlink; not following it"))
                     continue
                 with self._lock:
                     known = self._segments.setdefault(stem, seg)

@@ -124,13 +124,13 @@ class TierIO:
     def _run_one(self, job_id: int, op: TierOp, keys: tuple[bytes, ...], slots: tuple[int, ...]) -> tuple[bool, str | None]:
         """One job; whatever it raises becomes its failure (the thread never dies of a job)."""
         try:
-            hook = self.fault_hook
-            if hook is not None:
-                hook(job_id, op)
             with self._cond:
                 if job_id in self._cancelled:
                     return False, "cancelled before it started (timed out)"
                 self._running = job_id
+            hook = self.fault_hook
+            if hook is not None:  # runs as part of the job: a stall here is a blocked tier call
+                hook(job_id, op)
             views = [memoryview(self._slots[s]) for s in slots]
             if op is TierOp.READ:
                 ok = self.tier.read(keys, views)

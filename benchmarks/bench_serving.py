@@ -40,12 +40,8 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_model  # noqa: E402
+from serving_server import Server, kvo_config, parse_bytes  # noqa: E402
 from serving_workload import (  # noqa: E402
     WorkloadSpec,
     build_workload,
@@ -73,78 +70,6 @@ MiB = 1 << 20
 QUICK_SPEC = WorkloadSpec(users=4, turns=4, docs_per_user=2, doc_tokens=(384, 768), system_tokens=128,
                           question_tokens=(8, 32), oneoff_prob=0.2, oneoff_tokens=(256, 512),
                           output_tokens=(8, 24), arrival_rate=4.0, think_s=0.2)  # fmt: skip
-
-
-def parse_bytes(text: str) -> int:
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    t = text.strip().lower()
-    for suffix, mult in units.items():
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * mult)
-    return int(t)
-
-
-class Server:
-    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, stopped by its pid."""
-
-    def __init__(self, model: Path, log: Path, kv_cache_bytes: int, max_model_len: int, reserved_cpus: int,
-                 kv_config: dict[str, Any] | None, env: dict[str, str], extra_args: list[str]) -> None:  # fmt: skip
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.model = str(model)
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--seed", "0",
-            "--max-model-len", str(max_model_len), "--enforce-eager",
-            "--kv-cache-memory-bytes", str(kv_cache_bytes), "--enable-prompt-tokens-details",
-            "--disable-uvicorn-access-log",
-        ]  # fmt: skip
-        if kv_config is not None:
-            cmd += ["--kv-transfer-config", json.dumps(kv_config)]
-        cmd += extra_args
-        self.log_path = log
-        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        # The same cores for every server: vLLM reserves one more core when a connector is
-        # configured, which a 2-core machine cannot give, and then reserves none (see demo.py).
-        full_env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=str(reserved_cpus), **env)
-        started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
-        while True:
-            if self.proc.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() - started > 600:
-                    self.stop()
-                    raise RuntimeError(f"server not ready after 600 s; see {log}") from None
-                time.sleep(0.5)
-        self.startup_s = time.monotonic() - started
-
-    def complete(self, prompt: list[int], max_tokens: int) -> None:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-        urllib.request.urlopen(req, timeout=300).read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-
-
-def kvo_config(extra: dict[str, Any]) -> dict[str, Any]:
-    return {"kv_connector": "KVOffloadConnector", "kv_connector_module_path": "kv_offload.vllm",
-            "kv_role": "kv_both", "kv_connector_extra_config": extra}  # fmt: skip
 
 
 def describe(name: str, args: argparse.Namespace) -> str:

@@ -139,6 +139,8 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     cached_tokens: int | None = None
     error: str | None = None
+    #: the client closed the stream on purpose after ``abort_after`` tokens
+    aborted: bool = False
 
     def itls(self) -> list[float]:
         """Inter-token latencies: each chunk's gap from the previous one, split over its tokens."""
@@ -150,13 +152,18 @@ class Result:
         return out
 
 
-def stream_completion(port: int, model: str, req: Request, t0: float, timeout: float = 900.0) -> Result:
-    """Send one streamed completion and time its chunks."""
+def stream_completion(port: int, model: str, req: Request, t0: float, timeout: float = 900.0, *,
+                      extra: dict[str, Any] | None = None, abort_after: int | None = None) -> Result:  # fmt: skip
+    """Send one streamed completion and time its chunks.
+
+    ``extra``: more fields of the request body (e.g. ``cache_salt``). ``abort_after``: close
+    the connection once that many tokens arrived (a client that goes away mid-stream; the
+    result is then marked ``aborted``)."""
     res = Result(req.rid, req.user, req.kind, req.first_visit, len(req.prompt), req.max_tokens)
     body = {
         "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
         "ignore_eos": True, "stream": True, "return_token_ids": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True}, **(extra or {}),
     }  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -192,6 +199,9 @@ def stream_completion(port: int, model: str, req: Request, t0: float, timeout: f
                 res.chunk_times.append(now)
                 res.chunk_tokens.append(len(ids))
                 res.token_ids += ids
+            if abort_after is not None and len(res.token_ids) >= abort_after:
+                res.aborted = True
+                break
         res.latency = time.perf_counter() - start
         if not res.token_ids:
             res.error = "no token streamed"

@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = [
     "DiskTierError", "check_directory", "make_private_dir", "probe_direct", "AlignedBuffer", "BufferPool",
-    "address_of", "check_stat", "open_private_subdir", "direct_flag", "lock_range", "unlock_range", "NOFOLLOW", "ALIGN",
+    "address_of", "check_stat", "open_private_subdir", "owner_only", "direct_flag", "lock_range", "unlock_range", "NOFOLLOW", "ALIGN",
 ]  # fmt: skip
 
 #: Alignment of O_DIRECT buffers, offsets and lengths used here (a page).
@@ -92,11 +92,24 @@ def open_private_subdir(parent_fd: int, name: str, what: str, *, create: bool = 
         why = "it is a symlink; refusing to follow it" if link or e.errno == errno.ELOOP else e.strerror
         raise DiskTierError(f"cannot open {what}: {why}") from e
     try:
-        check_stat(os.fstat(fd), what)
+        st = os.fstat(fd)
+        check_stat(st, what)
+        owner_only(fd, st, 0o700)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def owner_only(fd: int, st: os.stat_result, mode: int) -> None:
+    """Take group and other permission bits off a file or directory of ours found with some
+    (copied in with ``cp``, made under a loose umask): its blocks are users' prompts. Best
+    effort: a read-only file system keeps the mode it has."""
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        try:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & mode)
+        except OSError:
+            pass
 
 
 def make_private_dir(path: str, *, follow: bool) -> os.stat_result:

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from kv_offload.tiers.disk.files import (
-    ALIGN, NOFOLLOW, AlignedBuffer, address_of, direct_flag, lock_range, unlock_range,
+    ALIGN, NOFOLLOW, AlignedBuffer, address_of, direct_flag, lock_range, owner_only, unlock_range,
 )  # fmt: skip
 from kv_offload.tiers.disk.format import (
     EMPTY_ENTRY, ENTRY_BYTES, SEGMENT_HEADER_BYTES, Entry, SegmentHeader, checksum, looks_written,
@@ -82,7 +82,8 @@ def _open_named(dir_fd: int, name: str, flags: int) -> int:
 
 
 def check_segment_file(fd: int, name: str) -> None:
-    """Refuse an opened segment file that is not a regular file owned by us with one link."""
+    """Refuse an opened segment file that is not a regular file owned by us with one link;
+    one with group or other permission bits is made owner-only."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         kind = _KINDS.get(stat.S_IFMT(st.st_mode), "unknown type")
@@ -91,6 +92,7 @@ def check_segment_file(fd: int, name: str) -> None:
         raise UnsafeSegmentFile(errno.EPERM, f"owned by uid {st.st_uid}, not by this user", name)
     if st.st_nlink != 1:
         raise UnsafeSegmentFile(errno.EMLINK, f"has {st.st_nlink} links, not 1", name)
+    owner_only(fd, st, 0o600)
 
 
 class _SlotLocks:

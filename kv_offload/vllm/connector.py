@@ -27,6 +27,8 @@ from kv_offload.geometry import KVGeometry
 from kv_offload.manager import OffloadManager
 from kv_offload.policies import POLICIES
 from kv_offload.registry import RegistryError
+from kv_offload.tiers.base import BlockTier
+from kv_offload.tiers.remote.lookup import RemoteIndex
 from kv_offload.vllm import compat
 from kv_offload.vllm.compat import (
     HOST_HIT_SOURCE,
@@ -40,9 +42,12 @@ from kv_offload.vllm.compat import (
 from kv_offload.vllm.metadata import StepPlan, TransferReport
 from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
-from kv_offload.tiers.base import BlockTier
-from kv_offload.tiers.remote.lookup import RemoteIndex
-from kv_offload.vllm.worker import WorkerHalf, backend_spec, open_disk_tier, open_remote_tier
+from kv_offload.vllm.worker import (
+    WorkerHalf,
+    backend_spec,
+    open_disk_tier,
+    open_remote_tier,
+)
 
 __all__ = [
     "KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components",
@@ -162,6 +167,11 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self.scheduler_half: SchedulerHalf | None = None
         self.worker_half: WorkerHalf | None = None
         self._requests: dict[str, Any] = {}
+        #: request -> its preemption count when vLLM last admitted it with an asynchronous
+        #: load (see :meth:`get_num_new_matched_tokens`)
+        self._async_admissions: dict[str, int] = {}
+        #: request -> whether the hit its last match offered loads asynchronously
+        self._offered_async: dict[str, bool] = {}
         #: everything reported since start (scheduler side), for tests and debugging
         self.totals = KVOffloadStats()
         if role == KVConnectorRole.SCHEDULER:
@@ -253,11 +263,27 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self._requests[request.request_id] = request
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        self._requests[request.request_id] = request
-        return self._sched().match(request, num_computed_tokens)
+        req_id = request.request_id
+        self._requests[req_id] = request
+        tokens, load_async = self._sched().match(request, num_computed_tokens)
+        admitted = self._async_admissions.get(req_id)
+        if tokens and load_async and admitted is not None and admitted == getattr(request, "num_preemptions", 0):
+            # vLLM admits this request again without a preemption in between: its earlier
+            # asynchronous load failed and rolled it back to nothing computed. vLLM (0.32)
+            # frees its blocks then but keeps it among its in-flight prefills, whose
+            # reservations gate every asynchronous admission, its own included: admitted
+            # with a load again, its own stale reservation makes the allocation fail, and
+            # as vLLM stops scheduling waiting requests at the first that does not fit, the
+            # engine stalls for good (found by benchmarks/soak.py). It recomputes instead.
+            logger.debug("kv_offload: %s recomputes after a failed load (not loaded again)", req_id)
+            tokens, load_async = 0, False
+        self._offered_async[req_id] = load_async
+        return tokens, load_async
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._requests[request.request_id] = request
+        if num_external_tokens > 0 and self._offered_async.pop(request.request_id, False):
+            self._async_admissions[request.request_id] = getattr(request, "num_preemptions", 0)
         block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
         self._sched().on_alloc(request, block_ids, num_external_tokens)
 
@@ -280,6 +306,8 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Never delays the free: pending stores are fenced (see scheduler.py).
         self._requests.pop(request.request_id, None)
+        self._async_admissions.pop(request.request_id, None)
+        self._offered_async.pop(request.request_id, None)
         self._sched().on_finished(request)
         return False, None
 

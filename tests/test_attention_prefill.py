@@ -93,3 +93,43 @@ def test_prefill_long_chunk_without_prefix_is_causal_attention() -> None:
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, enable_gqa=True
     )[0].transpose(0, 1)
     torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", [PageFormat.HND, PageFormat.CPU], ids=lambda f: f.value)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 9])
+def test_prefill_new_kv_in_cache_equals_dense(isa: str, fmt: PageFormat, dtype: torch.dtype, window: int | None) -> None:
+    """``new_kv_in_cache=True`` (the vLLM backend's call: the step's K/V already written to the
+    pages) reads the new tokens from the blocks: close to the oracle and to passing them dense
+    (chunk boundaries differ, so the summation order does too); key/value are then not read."""
+    from kv_offload.attention._ops import layout_list, ops
+
+    g = make_geometry(dtype, fmt, head_size=64, num_kv_heads=2, block_size=BS)
+    case = make_paged(g, [p + n for p, n in zip(PREFIX, NEW)], seed=7)
+    q, _, _, qsl = _new_tokens(case, 8, dtype, seed=8)
+    ks, vs = [], []
+    for b, (p, n) in enumerate(zip(PREFIX, NEW)):
+        kb, vb = gather_tokens(case.cache, case.table[b].tolist(), p + n, g, case.layer)
+        ks.append(kb[:, p:].transpose(0, 1))
+        vs.append(vb[:, p:].transpose(0, 1))
+    k, v = torch.cat(ks).to(dtype).contiguous(), torch.cat(vs).to(dtype).contiguous()
+    pre = torch.tensor(PREFIX, dtype=torch.int32)
+    dense = paged_prefill_attention(q, k, v, qsl, case.cache, case.table, pre, g, case.layer, isa=isa, window=window)
+    out = torch.full_like(dense, float("nan"))
+    scale = g.head_size**-0.5
+    ops().paged_prefill_attention(
+        out, q, torch.zeros_like(k), torch.zeros_like(v), qsl, case.cache, case.table, pre,
+        layout_list(g, case.layer), dtype, scale, window or 0, isa, True, True,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), dense.float(), atol=tol, rtol=tol)
+    ref = prefill_attention_ref(q, k, v, qsl, case.cache, case.table, pre, g, case.layer, window=window)
+    assert_close_to_oracle(out, ref, _torch_lowp_prefill(q, k, v, qsl, case, window))
+    bad = case.table.clone()
+    bad[3, (PREFIX[3] + NEW[3] - 1) // BS] = case.cache.shape[0]  # a new token's block out of range
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops().paged_prefill_attention(
+            out, q, k, v, qsl, case.cache, bad, pre, layout_list(g, case.layer), dtype, scale, 0, isa, True, True
+        )

@@ -212,6 +212,15 @@ static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, 
   f.v = vbuf;
   f.v_tok = dv;
   const int n = c.n;
+  if constexpr (std::is_same_v<KT, float>) {
+    if (c.k_tok == 1 && c.k_dim != 1) {  // fp32 K^T (the CPU page format): read in place, no copy
+      f.k = c.k;
+      f.k_dim = c.k_dim;
+      f.v = c.v;
+      f.v_tok = c.v_tok;
+      return f;
+    }
+  }
   int t0 = 0;
   if (c.k_tok == 1) {
     for (int i = 0; i < d; ++i) convert_row(c.k + i * c.k_dim, kbuf + static_cast<size_t>(i) * kChunk, n);
@@ -441,7 +450,7 @@ static void prefill_items(const PrefillParams& p, int64_t begin, int64_t end) {
     job.kv = &kv;
     job.head = h;
     job.block_ids = p.block_table + b * p.bt_stride;
-    job.prefix = prefix;
+    job.prefix = p.new_in_cache ? prefix + n_new : prefix;
     job.new_k = static_cast<const KT*>(p.key.data) + row0 * p.key.s0 + h * p.key.s1;
     job.new_v = static_cast<const KT*>(p.value.data) + row0 * p.value.s0 + h * p.value.s1;
     job.new_k_tok = p.key.s0;

@@ -94,6 +94,9 @@ struct PrefillParams {
   const int32_t* item_seq;
   const int32_t* item_tok;
   int32_t tokens_per_item;
+  // 1: the new tokens' K/V were written to the blocks before the call (positions
+  // [prefix, prefix + n_b) are read from the pages like the prefix; key/value are unused).
+  int32_t new_in_cache;
 };
 
 struct KernelTable {

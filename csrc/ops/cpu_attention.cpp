@@ -10,6 +10,9 @@
 //   cpu_attention_isas() -> str[]          paths usable on this CPU, best first
 //   read_bandwidth_probe(buf, isa) -> float  sum of a float buffer (a read-bandwidth probe)
 //   pin_intraop_threads(cpus) -> int         pin torch's intra-op threads to these CPUs
+// new_kv_in_cache=True (prefill): the caller wrote this step's K/V into the blocks before the call
+// (vLLM does, in do_kv_cache_update), so the new tokens are read from the pages like the prefix
+// (in the CPU page format K is already dim-major: no per-item transposes of the dense key).
 // check_ids=False skips the per-call check that every block id read lies in the cache: only for
 // callers that validated the block table already (the vLLM backend does it once per step, not
 // once per layer).
@@ -270,7 +273,8 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
                              const at::Tensor& value, const at::Tensor& query_start_loc,
                              const at::Tensor& kv_cache, const at::Tensor& block_table,
                              const at::Tensor& prefix_lens, at::IntArrayRef kv_layout, at::ScalarType kv_dtype,
-                             double scale, int64_t window, c10::string_view isa, bool check_ids) {
+                             double scale, int64_t window, c10::string_view isa, bool check_ids,
+                             bool new_kv_in_cache) {
   for (const at::Tensor* t : {&query, &out, &key, &value})
     TORCH_CHECK(t->is_cpu() && t->layout() == at::kStrided, "query, key, value and out must be strided CPU tensors");
   TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_q_heads, head_size], got ", query.sizes());
@@ -306,7 +310,17 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
     TORCH_CHECK(qsl[b + 1] >= qsl[b], "query_start_loc must be non-decreasing (sequence ", b, ")");
   // Checked even when there are no new tokens: a bad call is an error whatever its size.
   const int32_t* pre = prefix_lens.data_ptr<int32_t>();
-  if (check_ids) check_block_ids(block_table, pre, num_seqs, kv);
+  if (check_ids && !new_kv_in_cache) check_block_ids(block_table, pre, num_seqs, kv);
+  if (check_ids && new_kv_in_cache) {  // the pages hold the new tokens too: check their blocks
+    std::vector<int32_t> ends(num_seqs);
+    for (int64_t b = 0; b < num_seqs; ++b) {
+      const int64_t e = static_cast<int64_t>(pre[b]) + (qsl[b + 1] - qsl[b]);
+      TORCH_CHECK(pre[b] >= 0 && e <= kInt32Max, "sequence ", b, ": prefix ", pre[b], " + new tokens ",
+                  qsl[b + 1] - qsl[b], " out of range");
+      ends[b] = static_cast<int32_t>(e);
+    }
+    check_block_ids(block_table, ends.data(), num_seqs, kv);
+  }
   const KernelTable* table = kernels_for(std::string(isa));
   if (num_seqs == 0 || tokens == 0 || g == 0) return;
 
@@ -350,6 +364,7 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query, con
   p.item_seq = item_seq.data();
   p.item_tok = item_tok.data();
   p.tokens_per_item = per_item;
+  p.new_in_cache = new_kv_in_cache ? 1 : 0;
   const int64_t items = mul_checked(static_cast<int64_t>(item_seq.size()), kv.num_kv_heads, "prefill work items");
   run_items(items, [&](int64_t i) { table->prefill(p, i, i + 1); });
 }
@@ -411,7 +426,7 @@ TORCH_LIBRARY_FRAGMENT(kv_offload, m) {
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor query_start_loc, "
       "Tensor kv_cache, Tensor block_table, Tensor prefix_lens, int[] kv_layout, ScalarType kv_dtype, "
-      "float scale, int window, str isa, bool check_ids=True) -> ()");
+      "float scale, int window, str isa, bool check_ids=True, bool new_kv_in_cache=False) -> ()");
   m.def("read_bandwidth_probe(Tensor buf, str isa) -> float");
   // No tensor arguments: registered as catch-all kernels.
   m.def("cpu_attention_isas() -> str[]", &cpu_attention_isas);

@@ -71,6 +71,7 @@ def _register_fakes() -> None:
         window: int,
         isa: str,
         check_ids: bool = True,
+        new_kv_in_cache: bool = False,
     ) -> None:
         _check_out(out, query)
 

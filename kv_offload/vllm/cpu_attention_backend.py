@@ -344,10 +344,14 @@ class KVOffloadCPUAttentionImpl(CPUAttentionBackendImpl):
             )  # fmt: skip
             STATS["decode_calls"] += 1
         if total > nd:
+            # vLLM wrote this step's K/V into the cache before forward (do_kv_cache_update, as
+            # its own CPU backend relies on), so the kernel reads the new tokens from the pages
+            # too: K is already dim-major there, no per-item transposes of the dense key
+            # (4-11% less CPU time for a 4K-token fp32 prefill, measured).
             kernels.paged_prefill_attention(
                 output[nd:total], query[nd:total], key[nd:total], value[nd:total], meta.prefill_query_start_loc,
                 cache, table[nd:], meta.prefix_lens, layout, kv_cache.dtype, self.scale, self._window, self._isa,
-                False,
+                False, True,
             )  # fmt: skip
             STATS["prefill_calls"] += 1
         return output

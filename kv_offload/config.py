@@ -315,7 +315,7 @@ class OffloadConfig:
     #: it is failed: a load's blocks are reported invalid (vLLM recomputes them), a store's
     #: slots are freed, and the late completion is never used (a job that may still write
     #: keeps its pool slots out of use until it really ends). The scheduler settles a job no
-    #: worker reported within twice this.
+    #: worker reported within twice this plus 5 s.
     job_timeout_s: float = 60.0
     #: Test only: every N-th job on a transfer thread (the copy thread, each tier's I/O
     #: thread) stalls ``hang_ms`` before it starts; 0: never.

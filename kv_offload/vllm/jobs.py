@@ -3,7 +3,7 @@
 the backstop for a job no worker reports.
 
 A worker fails its own jobs at ``job_timeout_s`` (see :mod:`kv_offload.vllm.worker`); a job
-still unreported at twice that (a lost report, a dead rank) is *timed out* here: counted,
+still unreported at twice that plus 5 s (a lost report, a dead rank) is *timed out* here: counted,
 moved out of the pending jobs (vLLM is not kept stepping for it) and its store fence lifted,
 but its pool slots stay as they are (protected, reserved or pinned: *quarantined*), since a
 worker may still read or write them. A report arriving later settles it, always as a

@@ -46,6 +46,10 @@ __all__ = ["REMOTE_RETRY_S", "TIER_ORDER", "OffloadCounters", "RequestView", "Sc
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
+#: The backstop waits 2 x job_timeout_s plus this for a report: a worker reports a job it
+#: timed out at its next step, which a stalled step (e.g. a flush at its deadline) delays.
+BACKSTOP_SLACK_S = 5.0
+
 
 class RequestView(Protocol):
     """The parts of a vLLM ``Request`` the scheduler half reads."""
@@ -153,7 +157,7 @@ class SchedulerHalf:
         self._quarantine: dict[int, _Job] = {}
         self._clock = clock
         #: how long a job may go unreported: the workers fail their own at job_timeout_s
-        self.backstop_s = 2 * config.job_timeout_s
+        self.backstop_s = 2 * config.job_timeout_s + BACKSTOP_SLACK_S
         self._gauges_taken: dict[str, int] = {}
         #: device block -> store jobs still reading it
         self._reading: defaultdict[int, set[int]] = defaultdict(set)

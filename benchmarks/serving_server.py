@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Server", "kvo_config", "parse_bytes", "tree_pids", "tree_shm", "tree_usage"]
+__all__ = ["Server", "kvo_config", "parse_bytes", "tree_pids", "tree_rss_by_name", "tree_shm", "tree_usage"]
 
 
 def parse_bytes(text: str) -> int:
@@ -159,6 +159,22 @@ def tree_usage(pids: list[int]) -> tuple[int, int]:
         except OSError:
             continue
     return rss, fds
+
+
+def tree_rss_by_name(pids: list[int]) -> dict[str, int]:
+    """Resident bytes per process of ``pids``, by name: ``api_server`` for the first (the
+    tree's root), else the process's ``comm`` (vLLM names its engine core ``VLLM::EngineCore``),
+    summed over processes of the same name."""
+    out: dict[str, int] = {}
+    for i, pid in enumerate(pids):
+        try:
+            name = "api_server" if i == 0 else Path(f"/proc/{pid}/comm").read_text().strip()
+            rss = next(int(ln.split()[1]) * 1024 for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if ln.startswith("VmRSS:"))  # fmt: skip
+        except (OSError, StopIteration):
+            continue
+        out[name] = out.get(name, 0) + rss
+    return out
 
 
 def tree_shm(pids: list[int]) -> set[str]:

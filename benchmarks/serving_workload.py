@@ -158,7 +158,8 @@ def stream_completion(port: int, model: str, req: Request, t0: float, timeout: f
 
     ``extra``: more fields of the request body (e.g. ``cache_salt``). ``abort_after``: close
     the connection once that many tokens arrived (a client that goes away mid-stream; the
-    result is then marked ``aborted``)."""
+    result is then marked ``aborted``). A stream the server ends without ``[DONE]`` (it
+    died mid-stream) is an error, whatever tokens came before."""
     res = Result(req.rid, req.user, req.kind, req.first_visit, len(req.prompt), req.max_tokens)
     body = {
         "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
@@ -174,6 +175,7 @@ def stream_completion(port: int, model: str, req: Request, t0: float, timeout: f
         if resp.status != 200:
             res.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
             return res
+        done = False
         while True:
             raw = resp.readline()
             if not raw:
@@ -183,6 +185,7 @@ def stream_completion(port: int, model: str, req: Request, t0: float, timeout: f
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
+                done = True
                 break
             now = time.perf_counter() - start
             chunk = json.loads(data)
@@ -205,6 +208,8 @@ def stream_completion(port: int, model: str, req: Request, t0: float, timeout: f
         res.latency = time.perf_counter() - start
         if not res.token_ids:
             res.error = "no token streamed"
+        elif not done and not res.aborted:
+            res.error = f"the stream ended without [DONE] after {len(res.token_ids)} tokens"
     except (OSError, http.client.HTTPException, ValueError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -16,6 +16,7 @@ sampled from ``/proc`` (resident memory, open file descriptors, shared-memory se
 Faults: ``--fault kill-redis`` kills Redis at 40% of the soak and starts it again (empty)
 some seconds later; ``--fault kill-server`` (after the soak) is ``soak_faults.py``.
 ``--isolation`` runs ``soak_isolation.py`` (``cache_salt`` tenants) on the soak's server.
+``--alone`` sends the same load to vLLM without kv-offload (memory over time, for comparison).
 
 At the end a vLLM-alone server answers every prompt that was sent, and every completion is
 compared token for token (an aborted stream must be a prefix). Reported (table and
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_model
-from serving_server import Server, kvo_config, tree_shm, tree_usage
+from serving_server import Server, kvo_config, tree_rss_by_name, tree_shm, tree_usage
 from serving_workload import metrics_delta, pct, scrape_metrics
 from soak_faults import kill_server_phase
 from soak_isolation import isolation_check
@@ -63,6 +64,7 @@ from soak_workload import (
 
 PASSWORD_ENV = "KV_OFFLOAD_SOAK_REDIS_PASSWORD"
 MiB = 1 << 20
+BLOCK_TOKENS = 128  # vLLM's block size for this model on CPU
 #: the in-flight gauges that must read 0 once the load stopped
 LEAK_GAUGES = ("pool_reading_blocks", "pool_writing_blocks", "pending_jobs", "quarantined_slots")
 
@@ -85,6 +87,9 @@ class Sampler(threading.Thread):
             rss, fds = tree_usage(pids)
             self.shm |= tree_shm(pids)
             row = {"t": time.perf_counter() - self.t0, "rss_mib": rss / MiB, "fds": float(fds), "processes": float(len(pids))}
+            # per process: the API server (the tree's root) and the engine core apart
+            for name, value in tree_rss_by_name(pids).items():
+                row[f"rss_mib:{name}"] = value / MiB
             try:
                 m = scrape_metrics(self.server.port)
                 row["remote_connected"] = m.get("kv_offload:tier_connected{tier=remote}", float("nan"))
@@ -118,12 +123,31 @@ def leak_gauges(port: int, model: str) -> dict[str, Any]:
     return out
 
 
-def summarize(sent: list[Sent], delta: dict[str, float], wall: float) -> dict[str, Any]:
+def read_by_source(delta: dict[str, float], block_bytes: int) -> dict[str, float]:
+    """Tokens kv-offload really put into vLLM's KV cache, by where they came from.
+
+    From what was read, not from the hit-token counters (which also count hits whose load or
+    promotion then failed and was recomputed): disk and remote, the bytes their successful
+    promotions read (``tier_read_bytes``) over the block size; DRAM, the blocks loaded from
+    the pool that were not promoted (``loaded_blocks - promoted_blocks``).
+    """
+    g = delta.get
+    blocks = {
+        "dram": g("kv_offload:loaded_blocks_total", 0.0) - g("kv_offload:promoted_blocks_total", 0.0),
+        "disk": g("kv_offload:tier_read_bytes_total{tier=disk}", 0.0) / block_bytes,
+        "remote": g("kv_offload:tier_read_bytes_total{tier=remote}", 0.0) / block_bytes,
+    }
+    return {t: b * BLOCK_TOKENS for t, b in blocks.items()}
+
+
+def summarize(sent: list[Sent], delta: dict[str, float], wall: float, block_bytes: int) -> dict[str, Any]:
     ok = [s.result for s in sent if s.result.error is None]
     streamed = [r.ttft for s in sent if s.mode != "plain" and (r := s.result).error is None]
     prompt_tokens = float(sum(r.prompt_tokens for r in ok)) or 1.0
     g = delta.get
-    by_tier = {t: g(f"kv_offload:tier_hit_tokens_total{{tier={t}}}", 0.0) / prompt_tokens for t in ("dram", "disk", "remote")}
+    read = read_by_source(delta, block_bytes)
+    by_tier = {t: v / prompt_tokens for t, v in read.items()}
+    claimed = {t: g(f"kv_offload:tier_hit_tokens_total{{tier={t}}}", 0.0) / prompt_tokens for t in ("dram", "disk", "remote")}
     return {
         "requests": len(sent), "ok": len(ok), "errors": len(sent) - len(ok),
         "error_samples": [s.result.error for s in sent if s.result.error][:3],
@@ -135,7 +159,9 @@ def summarize(sent: list[Sent], delta: dict[str, float], wall: float) -> dict[st
         "ttft_p50_ms": pct(streamed, 50) * 1e3, "ttft_p99_ms": pct(streamed, 99) * 1e3,
         "prompt_tokens": prompt_tokens,
         "hit_rate": {"vllm_cache": g("vllm:prefix_cache_hits_total", 0.0) / prompt_tokens,
-                     "kv_offload": g("kv_offload:hit_tokens_total", 0.0) / prompt_tokens, **by_tier},
+                     "kv_offload": sum(read.values()) / prompt_tokens, **by_tier},
+        # the hit-token counters, for comparison: they include hits whose load then failed
+        "hit_counter_rate": {"kv_offload": g("kv_offload:hit_tokens_total", 0.0) / prompt_tokens, **claimed},
         "counters": {k.removeprefix("kv_offload:"): v for k, v in sorted(delta.items())
                      if k.startswith("kv_offload:") and k.endswith("_total") and v},
         "preemptions": g("vllm:num_preemptions_total", 0.0),
@@ -154,11 +180,12 @@ class Stack:
         self.tmp.mkdir(mode=0o700)
         self.store = RedisServer(maxmemory="1gb", maxmemory_policy="allkeys-lru").start()
         self.password = self.store.password
-        self.kv_config = kvo_config({
+        self.kv_config = None if args.alone else kvo_config({
             "cpu_bytes": args.cpu_bytes, "disk": {"path": str(self.disk), "bytes": args.disk_bytes},
             "remote": {"url": f"redis://127.0.0.1:{self.store.port}/0", "password_env": PASSWORD_ENV},
         })  # fmt: skip
-        self.env = {PASSWORD_ENV: self.password, "TMPDIR": str(self.tmp)}
+        # VLLM_SERVER_DEV_MODE: the isolation check resets vLLM's own prefix cache
+        self.env = {PASSWORD_ENV: self.password, "TMPDIR": str(self.tmp), "VLLM_SERVER_DEV_MODE": "1"}
         self.servers: list[Server] = []
         self.port: int | None = None
 
@@ -218,13 +245,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "vllm_state": states[-1].split("Engine 000: ")[-1] if states else None}  # fmt: skip
             print(f"[soak] the engine stalled: {report['stall']}", flush=True)
             args.fault, args.isolation = [f for f in args.fault if f != "kill-server"], False
-        leaks = leak_gauges(server.port, server.model) if not stalled else {g: None for g in LEAK_GAUGES}
+        leaks = leak_gauges(server.port, server.model) if not stalled and not args.alone else {g: None for g in LEAK_GAUGES}
         delta = metrics_delta(before, scrape_metrics(server.port))
-        report["soak"] = summarize(sent, delta, wall)
+        report["soak"] = summarize(sent, delta, wall, block_bytes)
         report["soak"]["leaks"] = leaks
         warmup = min(60.0, 0.25 * duration)
         report["soak"]["rss"] = growth(sampler.samples, "rss_mib", warmup, max(10.0, 0.1 * duration))
         report["soak"]["fds"] = growth(sampler.samples, "fds", warmup, max(10.0, 0.1 * duration))
+        names = sorted({k for row in sampler.samples for k in row if k.startswith("rss_mib:")})
+        report["soak"]["rss_by_process"] = {
+            k.removeprefix("rss_mib:"): growth([row for row in sampler.samples if k in row], k, warmup, max(10.0, 0.1 * duration))
+            for k in names
+        }  # fmt: skip
         report["soak"]["warmup_s"] = warmup
         report["samples"] = sampler.samples
         if redis_fault is not None:
@@ -301,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "workload": asdict(spec), "minutes": args.minutes, "clients": args.clients, "faults": args.fault,
         "kv_cache_mib": args.kv_cache_mib, "cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes,
         "redis": "private redis-server, password via password_env, maxmemory 1gb allkeys-lru",
-        "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": args.quick, "alone": args.alone, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -323,7 +355,7 @@ def failures(r: dict[str, Any]) -> list[str]:
         out.append(f"{r['checks']['all']['mismatches']} completions differ from vLLM alone")
     if s["errors"]:
         out.append(f"{s['errors']} failed requests during the soak: {s['error_samples']}")
-    for name, leaks in [("soak", s["leaks"])] + ([("kill-server", r["kill_server"]["leaks"])] if "kill_server" in r else []):
+    for name, leaks in [] if r["meta"]["alone"] else [("soak", s["leaks"])] + ([("kill-server", r["kill_server"]["leaks"])] if "kill_server" in r else []):
         bad = {g: v for g, v in leaks.items() if g in LEAK_GAUGES and v}
         if bad:
             out.append(f"in-flight gauges not 0 after the load ({name}): {bad}")
@@ -363,8 +395,10 @@ def table(r: dict[str, Any]) -> str:
         f"{'completions checked / mismatches (all phases)':<44} {c['checked']} / {c['mismatches']}",
         f"{'errors (soak)':<44} {s['errors']}",
         f"{'TTFT p50 / p99 (streamed)':<44} {s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} ms",
-        f"{'hit rate: vLLM / DRAM / disk / remote':<44} {h['vllm_cache']:.1%} / {h['dram']:.1%} / {h['disk']:.1%} / {h['remote']:.1%}",
+        f"{'hit rate (read): vLLM / DRAM / disk / remote':<44} {h['vllm_cache']:.1%} / {h['dram']:.1%} / {h['disk']:.1%} / {h['remote']:.1%}",
         f"{'RSS after warm-up -> end (growth)':<44} {s['rss']['after_warmup']:.0f} -> {s['rss']['end']:.0f} MiB ({s['rss']['growth']:+.1%})",
+        *(f"{'  ' + name:<44} {g['after_warmup']:.0f} -> {g['end']:.0f} MiB ({g['growth']:+.1%})"
+          for name, g in s.get("rss_by_process", {}).items()),
         f"{'open fds after warm-up -> end (growth)':<44} {s['fds']['after_warmup']:.0f} -> {s['fds']['end']:.0f} ({s['fds']['growth']:+.1%})",
         f"{'in-flight gauges after the load':<44} " + ", ".join(f"{g}={s['leaks'][g]}" for g in LEAK_GAUGES),
         f"{'shm segments / temp files left after stop':<44} {len(r['leftovers']['shm_segments_after_stop'])} / {len(r['leftovers']['temp_files'])}",
@@ -409,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the CI run: 2 minutes, 8 clients, short fault phases")
     parser.add_argument("--fault", action="append", default=[], choices=("kill-redis", "kill-server"))
     parser.add_argument("--isolation", action="store_true", help="cache_salt isolation and timing after the soak")
+    parser.add_argument("--alone", action="store_true",
+                        help="the same load on vLLM alone (no kv-offload, no faults): its memory over time, for comparison")
     parser.add_argument("--trials", type=int, default=None, help="isolation timing trials (default 30; quick 12)")
     parser.add_argument("--kv-cache-mib", type=int, default=32, help="vLLM's own KV cache (64 blocks)")
     parser.add_argument("--cpu-bytes", default="12MiB", help="the DRAM pool (24 blocks: smaller than the working set)")
@@ -425,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.clients <= 64:
         parser.error("--clients: 8-16 is the soak's range")
     args.trials = args.trials or (12 if args.quick else 30)
+    if args.alone and (args.fault or args.isolation):
+        parser.error("--alone runs the load only: no --fault, no --isolation")
     args.redis_down_s = 5.0 if args.quick else 15.0
     args.kill_before_s, args.kill_after_s = (8.0, 15.0) if args.quick else (30.0, 60.0)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))

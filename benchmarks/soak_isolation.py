@@ -4,7 +4,11 @@
 Tenant A and tenant B send the same prompt with different ``cache_salt`` values. For each
 place a block can be (vLLM's own prefix cache, kv-offload's DRAM pool, its disk tier, the
 remote tier), a stage puts A's prompt exactly there: A asks it, then unsalted filler prompts
-push it out of every place above (more blocks than those places hold). B then asks the same
+push it out of every place above (more blocks than those places hold). The DRAM stage
+cannot: the pool (24 blocks) is smaller than vLLM's cache (64), so a filler that empties
+vLLM's cache empties the pool too; there vLLM's own prefix cache is reset instead
+(``POST /reset_prefix_cache``, a dev endpoint: the server runs with
+``VLLM_SERVER_DEV_MODE=1``; the connector's pool is left as it is). B then asks the same
 prompt: it must get no hit anywhere (its response's ``cached_tokens`` is 0 and no hit counter
 on ``/metrics`` moves), and its tokens must equal A's. A then asks again and must hit in that
 place (the counter of that source moves), which proves A's blocks were there when B asked.
@@ -17,9 +21,11 @@ Mann-Whitney U test are reported: a salted miss that looked like a hit would lea
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -64,6 +70,17 @@ def mann_whitney(a: list[float], b: list[float]) -> dict[str, float]:
     return {"u": u, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
 
 
+def reset_vllm_prefix_cache(port: int, tries: int = 50) -> None:
+    """Empty vLLM's own prefix cache, not the connector's (it refuses while blocks are held:
+    retried)."""
+    for _ in range(tries):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/reset_prefix_cache", data=b"", method="POST")
+        if json.loads(urllib.request.urlopen(req, timeout=30).read()).get("success"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("vLLM refused to reset its prefix cache")
+
+
 class _Tenant:
     def __init__(self, port: int, model: str, prompts: Prompts) -> None:
         self.port, self.model, self.prompts = port, model, prompts
@@ -106,7 +123,7 @@ def isolation_check(port: int, model: str, prompts: Prompts, vllm_blocks: int, t
     disk_blocks = int(m.get("kv_offload:tier_capacity_blocks{tier=disk}", 0))
     # Every place receives the whole filler and evicts its least recently used blocks: a
     # prompt leaves every place above the stage's once the filler outgrows the largest of them.
-    above = {"vllm": 0, "dram": vllm_blocks, "disk": max(vllm_blocks, pool_blocks),
+    above = {"vllm": 0, "dram": 0, "disk": max(vllm_blocks, pool_blocks),
              "remote": max(vllm_blocks, pool_blocks, disk_blocks)}  # fmt: skip
     length = 6 * BLOCK + 40  # six full blocks
     stages: dict[str, Any] = {}
@@ -119,6 +136,8 @@ def isolation_check(port: int, model: str, prompts: Prompts, vllm_blocks: int, t
             while filled < target:
                 t.ask(fresh(8 * BLOCK), None, 1, stream=False)
                 filled += 8
+        if place == "dram":
+            reset_vllm_prefix_cache(port)
         before = t.settled_metrics()
         b = t.ask(prompt, salt_b)
         mid = t.settled_metrics()

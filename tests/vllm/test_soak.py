@@ -46,10 +46,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 # Found by this soak (docs/reliability_soak.md): under the mixed load, within about a minute,
-# the engine stops making progress for good (vLLM: "Running: 0 reqs, Waiting: 8, KV fetch: 1
-# waiting to start, 7 completed waiting"); every later request times out. Strict: once the
-# stall is fixed this test passes, fails as XPASS, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="the engine stalls under the soak's load (docs/reliability_soak.md)")
+# the engine stopped making progress for good (vLLM: "Running: 0 reqs, Waiting: 8, KV fetch: 1
+# waiting to start, 7 completed waiting"): a request whose asynchronous load had failed was
+# offered another asynchronous load when vLLM admitted it again. Fixed in e5132fb (it recomputes).
 def test_the_engine_never_stalled(report: dict[str, Any]) -> None:
     assert "stall" not in report, report.get("stall")
 
@@ -67,10 +66,7 @@ def test_load_held_with_no_wrong_token(report: dict[str, Any]) -> None:
     assert report["meta"]["clients"] >= 8
     assert s["wall_s"] >= 110
     assert s["requests"] > 0 and s["by_mode"]["abort"] > 0 and s["by_kind"]["overflow"] > 0
-    if "stall" not in report:
-        assert s["errors"] == 0, s["error_samples"]
-    else:  # the only failures are the requests the stalled engine never answered
-        assert s["errors"] == report["stall"]["timed_out_requests"], s["error_samples"]
+    assert s["errors"] == 0, s["error_samples"]
     every = report["checks"]["all"]
     assert every["checked"] >= s["requests"]
     assert every["mismatches"] == 0, every["mismatch_samples"]
@@ -79,12 +75,12 @@ def test_load_held_with_no_wrong_token(report: dict[str, Any]) -> None:
 
 def test_nothing_leaked(report: dict[str, Any]) -> None:
     s = report["soak"]
+    assert "stall" not in report, report.get("stall")  # a stalled engine has blocks in flight
     for leaks in [s["leaks"]] + ([report["kill_server"]["leaks"]] if "kill_server" in report else []):
-        if "stall" in report and leaks is s["leaks"]:
-            continue  # blocks are legitimately in flight in a stalled engine
-        # The in-flight gauges this version exports (``missing`` names those it does not).
-        present = {g: v for g, v in leaks.items() if g not in ("missing", "pool_used_blocks") and v is not None}
-        assert all(v == 0 for v in present.values()), leaks
+        # Every in-flight gauge is exported, and reads 0 once the load stopped.
+        assert leaks["missing"] == [], leaks
+        for gauge in ("pool_reading_blocks", "pool_writing_blocks", "pending_jobs", "quarantined_slots"):
+            assert leaks[gauge] == 0, (gauge, leaks)
     assert s["rss"]["growth"] < 0.05 and s["fds"]["growth"] < 0.05, (s["rss"], s["fds"])
     lo = report["leftovers"]
     assert lo["shm_segments_after_stop"] == [] and lo["temp_files"] == [] and lo["redis_dir_removed"], lo
@@ -98,7 +94,8 @@ def test_redis_crash_survived(report: dict[str, Any]) -> None:
     k = report["kill_redis"]
     if "stall" in report and report["stall"]["first_at_s"] < k["killed_at_s"] + 30:
         pytest.skip("the engine stalled before the Redis restart could be observed")
-    assert k["reconnects"] >= 1 and k["connected_at_end"] == 1, k
+    # The outage was seen (operations failed and were counted), the tier came back, hits resumed.
+    assert k["remote_errors"] >= 1 and k["reconnects"] >= 1 and k["connected_at_end"] == 1, k
     assert k["remote_hit_tokens_after_restart"] > 0, k
     assert report["checks"]["soak"]["mismatches"] == 0
 
@@ -120,10 +117,23 @@ def test_tenants_isolated_in_every_tier(report: dict[str, Any]) -> None:
     iso = _after_the_soak(report, "isolation")
     for place, stage in iso["stages"].items():
         assert stage["isolated"], (place, stage)  # B: cached_tokens 0, no hit counter moved
-        assert stage["a_hit_here"], (place, stage)  # A's blocks were there, and A hits them
         assert stage["b_tokens_equal_a"] and stage["a_again_equal"], (place, stage)
+        if place != "remote":  # see the next test
+            assert stage["a_hit_here"], (place, stage)  # A's blocks were there, and A hits them
     assert report["checks"]["isolation"]["mismatches"] == 0
     assert len(iso["timing_raw_ms"]["b_on_a_prompt"]) == len(iso["timing_raw_ms"]["never_seen"]) >= 8
+
+
+# Found by this soak: the scheduler offers a block from the disk tier because its workers wrote
+# it there (``LowerTier.written``, kept for 1024 blocks) although the disk tier (128 blocks here)
+# has evicted it since; the promotion fails, the request recomputes, and the remote tier, which
+# holds the block, is never asked. So the remote stage's A re-ask recomputes instead of hitting
+# Redis. Strict: once the scheduler stops trusting stale write records this passes as XPASS,
+# and the marker must go (the isolation itself, B hitting nothing, is checked above).
+@pytest.mark.xfail(strict=True, reason="evicted disk blocks are still offered from disk (docs/reliability_soak.md)")
+def test_a_block_evicted_from_disk_is_served_by_redis(report: dict[str, Any]) -> None:
+    stage = _after_the_soak(report, "isolation")["stages"]["remote"]
+    assert stage["a_hit_here"] and stage["a_cached_tokens"] > 0, stage
 
 
 def test_exit_status_says_what_failed(report: dict[str, Any]) -> None:

@@ -36,8 +36,11 @@ class LowerTier:
     index: TierIndex
     #: completed stores are written through to it
     write: bool = True
-    #: blocks our workers wrote there (the index may learn of them only later)
-    written: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    #: blocks our workers wrote there -> when the write settled (monotonic). The index may
+    #: learn of them only later, so they are offered meanwhile; once an index that re-reads
+    #: the tier (the disk's: ``refreshed_at``) has done so since, the index decides: the tier
+    #: may have evicted them (found by the soak: a disk smaller than this record).
+    written: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
     #: blocks whose promotion failed -> when: not offered from this tier again by this
     #: scheduler (a corrupt block in a live process's disk segment stays listed; offering it
     #: again would make the request that recomputes retry the same failing promotion forever)
@@ -46,6 +49,14 @@ class LowerTier:
     #: are mostly outages, and another instance may store the block again: it is asked
     #: about again after a while.
     failed_ttl_s: float | None = None
+
+    def ours(self, key: bytes) -> bool:
+        """``key`` was written by our workers after the index last looked at the tier."""
+        when = self.written.get(key)
+        if when is None:
+            return False
+        seen = getattr(self.index, "refreshed_at", None)
+        return seen is None or when > seen
 
     def refuses(self, key: bytes) -> bool:
         when = self.failed.get(key)

@@ -220,15 +220,15 @@ class SchedulerHalf:
     def _tier_run(tier: LowerTier, keys: Sequence[bytes]) -> int | None:
         """How many leading ``keys`` ``tier`` holds (``None``: not known yet)."""
         n = 0
-        while n < len(keys) and keys[n] in tier.written and not tier.refuses(keys[n]):
-            n += 1  # ours: known without asking
+        while n < len(keys) and tier.ours(keys[n]) and not tier.refuses(keys[n]):
+            n += 1  # ours, written since the index last looked: known without asking
         if n == len(keys):
             return n
         held = tier.index.contains(keys[n:])
         if held is None:
             return None
         for key, there in zip(keys[n:], held):
-            if not (there or key in tier.written) or tier.refuses(key):
+            if not (there or tier.ours(key)) or tier.refuses(key):
                 break
             n += 1
         return n
@@ -508,8 +508,9 @@ class SchedulerHalf:
                     counters.disk_written_bytes += nbytes
                 else:
                     counters.remote_written_bytes += nbytes
+                now = time.monotonic()
                 for key in job.keys:
-                    tier.written[key] = None
+                    tier.written[key] = now
                     tier.written.move_to_end(key)
                     tier.failed.pop(key, None)  # written anew from a good pool copy
                 self._bound(tier.written)

@@ -158,6 +158,9 @@ class DiskTier(SegmentSet, BlockTier):
         self.direct = probe_direct(self._ns_fd)
         self._stats.io_mode = "direct" if self.direct else "buffered"
         t0 = time.perf_counter()
+        #: when the index last started re-reading other processes' entries (monotonic): a
+        #: block written and evicted by another process before then is known to be gone
+        self.refreshed_at = time.monotonic()
         self._refresh()
         self._stats.index_seconds = time.perf_counter() - t0
         self._stats.index_blocks = len(self._index)
@@ -206,7 +209,9 @@ class DiskTier(SegmentSet, BlockTier):
             return
         try:
             with self._refresh_lock:
+                started = time.monotonic()
                 self._refresh()
+                self.refreshed_at = started
         except OSError as e:
             with self._lock:
                 self._warn_once("read", e)

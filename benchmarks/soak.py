@@ -301,10 +301,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["leftovers"] = {
         "shm_segments_after_stop": sorted(p for p in final_shm - killed_shm if Path(p).exists()),
         "shm_segments_after_kill": sorted(p for p in killed_shm if Path(p).exists()),
+        # of those, kv-offload's own (its pool segments are /dev/shm/kv_offload.<name>)
+        "kv_offload_shm_after_kill": sorted(p for p in killed_shm if Path(p).exists() and Path(p).name.startswith("kv_offload.")),
         "shm_segments_seen": len(final_shm),
         "temp_files": sorted(p.name for p in stack.tmp.iterdir()),
         "redis_dir_removed": not redis_dir.exists(),
     }
+    # SIGKILL leaves what any crashed vLLM leaves (its message queues' psm_* segments, 160-240
+    # MiB each): reported above, then removed, so that repeated runs do not fill /dev/shm.
+    for p in report["leftovers"]["shm_segments_after_kill"]:
+        Path(p).unlink(missing_ok=True)
     logs = sorted(out.glob("server-*.log"))
     report["password_in_logs"] = [p.name for p in logs if stack.password in p.read_text(errors="replace")]
     report["password_in_metrics"] = stack.password in metrics_text

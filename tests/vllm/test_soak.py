@@ -81,7 +81,16 @@ def test_nothing_leaked(report: dict[str, Any]) -> None:
         assert leaks["missing"] == [], leaks
         for gauge in ("pool_reading_blocks", "pool_writing_blocks", "pending_jobs", "quarantined_slots"):
             assert leaks[gauge] == 0, (gauge, leaks)
-    assert s["rss"]["growth"] < 0.05 and s["fds"]["growth"] < 0.05, (s["rss"], s["fds"])
+    assert s["fds"]["growth"] < 0.05, s["fds"]
+    # Memory: the API server and the engine core stay flat after the 30 s warm-up. The worker
+    # process (model runner, kv-offload's worker half) grows its heap for about 2.5 minutes
+    # of this load and then holds (the 10-minute soak, docs/reliability_soak.md): longer than
+    # the quick run, so its growth after warm-up is checked there, not here.
+    procs = s["rss_by_process"]
+    assert "api_server" in procs and any(name.startswith("VLLM::EngineCor") for name in procs), procs
+    for name, g in procs.items():
+        if not name.startswith("VLLM::Worker"):
+            assert g["growth"] < 0.05, (name, g)
     lo = report["leftovers"]
     assert lo["shm_segments_after_stop"] == [] and lo["temp_files"] == [] and lo["redis_dir_removed"], lo
 
@@ -108,6 +117,7 @@ def test_server_crash_mid_store_survived(report: dict[str, Any]) -> None:
     assert report["checks"]["kill"]["mismatches"] == 0 and report["checks"]["burst-again"]["mismatches"] == 0
     assert report["checks"]["kill"]["checked"] > 0
     assert n["disk_hit_tokens"] > 0, n
+    assert report["leftovers"]["kv_offload_shm_after_kill"] == [], report["leftovers"]
     # Nothing the crash tore was served: the disk verifies, or what failed was counted and dropped.
     verify = k["disk_verify_after_kill"]
     assert verify.get("corrupt", 1) == 0 or n["tier_corrupt_blocks_total{tier=disk}"] > 0, (verify, n)

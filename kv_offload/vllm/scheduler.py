@@ -29,8 +29,7 @@ import logging
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kv_offload.config import OffloadConfig
 from kv_offload.keys import DIGEST_BYTES, ExtraKeys, KeyChain
@@ -40,6 +39,8 @@ from kv_offload.vllm.jobs import Job as _Job
 from kv_offload.vllm.jobs import Kind as _Kind
 from kv_offload.vllm.lower_tiers import REMOTE_RETRY_S, TIER_ORDER, LowerTier, TierIndex
 from kv_offload.vllm.metadata import JobSpec, StepPlan, TransferReport
+from kv_offload.vllm.request_state import ReqState as _ReqState
+from kv_offload.vllm.request_state import RequestView, ScheduledRequest
 
 __all__ = ["REMOTE_RETRY_S", "TIER_ORDER", "OffloadCounters", "RequestView", "ScheduledRequest", "SchedulerHalf",
            "TierIndex"]  # fmt: skip
@@ -49,51 +50,6 @@ logger = logging.getLogger(f"vllm.{__name__}")
 #: The backstop waits 2 x job_timeout_s plus this for a report: a worker reports a job it
 #: timed out at its next step, which a stalled step (e.g. a flush at its deadline) delays.
 BACKSTOP_SLACK_S = 5.0
-
-
-class RequestView(Protocol):
-    """The parts of a vLLM ``Request`` the scheduler half reads."""
-
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def all_token_ids(self) -> Sequence[int]: ...
-    @property
-    def num_tokens(self) -> int: ...
-    @property
-    def num_prompt_tokens(self) -> int: ...
-    @property
-    def num_computed_tokens(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request scheduled this step: ``num_new_tokens`` computed from ``num_computed_tokens``."""
-
-    request: RequestView
-    num_computed_tokens: int
-    num_new_tokens: int
-    block_ids: Sequence[int]
-
-
-@dataclass
-class _ReqState:
-    request: RequestView
-    #: the request's block keys, hashed once each as its tokens grow
-    chain: KeyChain
-    #: leading blocks already offered to the pool (stored, present or in flight); a block
-    #: that found no room is offered again, and nothing after it is stored before it
-    offered: int = 0
-    #: keys of those blocks: never evicted to store the same prompt's later blocks
-    kept: set[bytes] = field(default_factory=set)
-    #: blocks before this index were already counted as skipped (a retried gap counts once)
-    counted: int = 0
-    #: the blocks past an unkeyable one were counted as skipped
-    unkeyable_counted: bool = False
-
-    def rewind(self) -> None:
-        self.offered = self.counted = 0
-        self.kept.clear()
 
 
 class SchedulerHalf:
@@ -200,11 +156,24 @@ class SchedulerHalf:
         hits = self.manager.lookup(keys)
         total = hits
         runs: list[int] = []
+        # Promotions need free or evictable pool slots: offer no more than the slots not
+        # held by jobs in flight nor by this hit's pool blocks. (Offering more made the
+        # promotion fail whole, and the request recompute after waiting for it.)
+        room = self.manager.num_slots - self._held_slots() - hits
+        # Nor a block the pool already has a slot for (being stored by another request):
+        # promoting it could not reserve that slot and would fail.
+        end = total
+        while end < len(keys) and not self.manager.holds(keys[end]):
+            end += 1
+        if end == total < len(keys) and self.tiers:
+            return None, False  # the very next block is being stored: ask again next step
         for tier in self.tiers.values():
             # A lower tier is asked only for what the tiers above lack.
-            run = self._tier_run(tier, keys[total:]) if total < len(keys) else 0
+            run = self._tier_run(tier, keys[total:end]) if total < end and room > 0 else 0
             if run is None:
                 return None, False
+            run = max(0, min(run, room))
+            room -= run
             runs.append(run)
             total += run
         if total == 0 or total * bs < self.config.min_load_tokens:
@@ -277,18 +246,28 @@ class SchedulerHalf:
         """Reserve pool slots for ``tier``'s blocks and plan their promotion into ``device_blocks``.
 
         The slots are reserved like a store's (not readable until the promotion settles); the
-        request's earlier blocks are kept. No room for all of them: the job carries no keys
-        and fails at once on the worker, and vLLM recomputes those blocks.
+        request's earlier blocks are kept. The leading blocks that got slots are promoted; the
+        rest (no room) go in a job without keys that fails at once on the worker, and vLLM
+        recomputes from there.
         """
         plan = self.manager.prepare_store(keys, keep=state.kept)
-        if plan is None or plan.keys != keys:
-            if plan is not None and plan.keys:
-                self.manager.complete_store(plan.keys, success=False)
-            job_id = self._new_job(_Kind.PROMOTE, (), device_blocks, tier)
-            self._step_promotes.append(JobSpec(job_id, device_blocks, (), req_id, tier=tier))
-            return
-        job_id = self._new_job(_Kind.PROMOTE, keys, device_blocks, tier)
-        self._step_promotes.append(JobSpec(job_id, device_blocks, plan.slots, req_id, keys, tier=tier))
+        got = plan.keys if plan is not None else ()
+        n = 0  # the leading blocks that got slots, in order, are promoted
+        while n < len(got) and got[n] == keys[n]:
+            n += 1
+        if plan is not None and len(got) > n:
+            self.manager.complete_store(got[n:], success=False)
+        if n:
+            assert plan is not None
+            job_id = self._new_job(_Kind.PROMOTE, keys[:n], device_blocks[:n], tier)
+            self._step_promotes.append(JobSpec(job_id, device_blocks[:n], plan.slots[:n], req_id, keys[:n], tier=tier))
+        if n < len(keys):  # no room (or the pool got them meanwhile): fails at once, recomputed
+            job_id = self._new_job(_Kind.PROMOTE, (), device_blocks[n:], tier)
+            self._step_promotes.append(JobSpec(job_id, device_blocks[n:], (), req_id, tier=tier))
+
+    def _held_slots(self) -> int:
+        """Pool slots jobs in flight (and timed-out ones) hold: protected, reserved or pinned."""
+        return sum(len(job.keys) for job in self._jobs.values()) + self.num_quarantined_slots
 
     def _new_job(self, kind: _Kind, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], tier: str = "") -> int:
         job_id = self._last_job_id = next(self._job_ids)
@@ -530,7 +509,7 @@ class SchedulerHalf:
                 counters.failed_stores += 1
             self._lift_fences(job_id, job)
 
-    def _bound(self, keys: "OrderedDict[bytes, Any]") -> None:
+    def _bound(self, keys: OrderedDict[bytes, Any]) -> None:
         while len(keys) > max(1024, 4 * self.manager.num_slots):
             keys.popitem(last=False)
 

@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/soak.py --minutes 10 --clients 12 --fault kill-redis --fault kill-server \\
         --isolation --json benchmarks/results/soak_cpu.json
-    .venv/bin/python benchmarks/soak.py --quick --fault kill-redis --fault kill-server --isolation   # CI, ~6 min
+    .venv/bin/python benchmarks/soak.py --quick --fault kill-redis --fault kill-server --isolation   # CI, ~6.5 min
 
 One server (the OpenAI server module, tiny random-weight Llama, fp32, greedy) with the
 connector over a DRAM pool smaller than the working set, a disk tier and a Redis remote tier

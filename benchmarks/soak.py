@@ -183,6 +183,7 @@ class Stack:
         self.kv_config = None if args.alone else kvo_config({
             "cpu_bytes": args.cpu_bytes, "disk": {"path": str(self.disk), "bytes": args.disk_bytes},
             "remote": {"url": f"redis://127.0.0.1:{self.store.port}/0", "password_env": PASSWORD_ENV},
+            **json.loads(args.inject or "{}"),
         })  # fmt: skip
         # VLLM_SERVER_DEV_MODE: the isolation check resets vLLM's own prefix cache
         self.env = {PASSWORD_ENV: self.password, "TMPDIR": str(self.tmp), "VLLM_SERVER_DEV_MODE": "1"}
@@ -337,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
         "model": {"size": "tiny", **asdict(shape), "dtype": "float32", "block_bytes": block_bytes},
         "workload": asdict(spec), "minutes": args.minutes, "clients": args.clients, "faults": args.fault,
-        "kv_cache_mib": args.kv_cache_mib, "cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes,
+        "injected": json.loads(args.inject or "{}"), "kv_cache_mib": args.kv_cache_mib, "cpu_bytes": args.cpu_bytes, "disk_bytes": args.disk_bytes,
         "redis": "private redis-server, password via password_env, maxmemory 1gb allkeys-lru",
         "quick": args.quick, "alone": args.alone, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
@@ -448,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=None, help="concurrent clients, 8-16 (default 12; quick 8)")
     parser.add_argument("--quick", action="store_true", help="the CI run: 2 minutes, 8 clients, short fault phases")
     parser.add_argument("--fault", action="append", default=[], choices=("kill-redis", "kill-server"))
+    parser.add_argument("--inject", default=None, metavar="JSON",
+                        help="test-only fault keys of the connector config for the whole soak, e.g. "
+                             "'{\"raise_in_transfer_every\": 40, \"hang_every\": 97, \"hang_ms\": 1500, "
+                             "\"job_timeout_s\": 0.5, \"slow_io_ms\": 5}' (docs/usage.md)")
     parser.add_argument("--isolation", action="store_true", help="cache_salt isolation and timing after the soak")
     parser.add_argument("--alone", action="store_true",
                         help="the same load on vLLM alone (no kv-offload, no faults): its memory over time, for comparison")

@@ -110,14 +110,24 @@ def growth(samples: list[dict[str, float]], key: str, warmup_s: float, window_s:
 
 
 def leak_gauges(port: int, model: str) -> dict[str, Any]:
-    """After the load: one small request flushes the last step's stats, then the gauges."""
+    """After the load: small requests flush the last steps' stats, then the gauges.
+
+    An idle engine does not step, so jobs that ended after the last request are reported,
+    and the gauges updated, only by the steps of a later one; each step's gauges are taken
+    before that step's reports are applied. Up to five flushes, until every gauge reads 0
+    (jobs still really in flight, e.g. under slow I/O, settle over them; a leak never does).
+    """
     from serving_workload import Request
 
     time.sleep(2.0)
-    plain_completion(port, model, Request("flush", -1, 0, "flush", None, [6] * 8, 1, 0.0), time.perf_counter())
-    time.sleep(1.0)
-    m = scrape_metrics(port)
+    for i in range(5):
+        plain_completion(port, model, Request("flush", -1, 0, "flush", None, [6 + i] * 8, 1, 0.0), time.perf_counter())
+        time.sleep(1.0)
+        m = scrape_metrics(port)
+        if not any(m.get(f"kv_offload:{g}") for g in LEAK_GAUGES):
+            break
     out: dict[str, Any] = {g: m.get(f"kv_offload:{g}") for g in LEAK_GAUGES}
+    out["flushes"] = i + 1
     out["missing"] = [g for g in LEAK_GAUGES if out[g] is None]
     out["pool_used_blocks"] = m.get("kv_offload:pool_used_blocks")
     return out

@@ -114,15 +114,16 @@ def leak_gauges(port: int, model: str) -> dict[str, Any]:
 
     An idle engine does not step, so jobs that ended after the last request are reported,
     and the gauges updated, only by the steps of a later one; each step's gauges are taken
-    before that step's reports are applied. Up to five flushes, until every gauge reads 0
-    (jobs still really in flight, e.g. under slow I/O, settle over them; a leak never does).
+    before that step's reports are applied. Flushes every 2 s for up to 30 s, until every gauge
+    reads 0 (jobs still really in flight, e.g. a slow write-back, settle over them; a leak
+    never does: the scheduler's backstop alone would take 2 x job_timeout_s + 5 s = 125 s).
     """
     from serving_workload import Request
 
     time.sleep(2.0)
-    for i in range(5):
+    for i in range(15):
         plain_completion(port, model, Request("flush", -1, 0, "flush", None, [6 + i] * 8, 1, 0.0), time.perf_counter())
-        time.sleep(1.0)
+        time.sleep(2.0)
         m = scrape_metrics(port)
         if not any(m.get(f"kv_offload:{g}") for g in LEAK_GAUGES):
             break

@@ -9,10 +9,15 @@ machine without redis-server) the test is skipped with the reason.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-__all__ = ["store_unavailable"]
+from kv_offload.testing.redis_server import RedisServer
+from kv_offload.testing.store_process import StoreStartError
+
+__all__ = ["redis_server", "store_unavailable"]
 
 
 def store_unavailable(reason: str) -> None:
@@ -20,3 +25,16 @@ def store_unavailable(reason: str) -> None:
     if os.environ.get("KV_OFFLOAD_REQUIRE_STORES") == "1":
         pytest.fail(f"store required (KV_OFFLOAD_REQUIRE_STORES=1) but unavailable: {reason}")
     pytest.skip(f"store unavailable: {reason}")
+
+
+def redis_server(**options: Any) -> Iterator[RedisServer]:
+    """A private redis-server (``RedisServer(**options)``) for a fixture to yield; stopped after."""
+    try:
+        srv = RedisServer(**options).start()
+    except StoreStartError as exc:
+        store_unavailable(str(exc))
+        raise
+    try:
+        yield srv
+    finally:
+        srv.close()

@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 
 from kv_offload.config import RemoteConfig
 from kv_offload.testing.redis_server import RedisServer
-from kv_offload.testing.store_process import StoreStartError
 from kv_offload.tiers.remote.format import (
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -41,7 +40,7 @@ from kv_offload.tiers.remote.format import (
     store_key,
 )
 from kv_offload.tiers.remote.tier import RemoteTier
-from tests.remote_common import store_unavailable
+from tests.remote_common import redis_server
 
 NS = bytes(range(16))
 NS2 = bytes(range(16, 32))
@@ -131,15 +130,7 @@ def test_the_header_parser_promises_a_checksum_only_for_the_exact_header(case: t
 # -- the read path on a real store --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    try:
-        srv = RedisServer().start()
-    except StoreStartError as exc:
-        store_unavailable(str(exc))
-        raise
-    try:
-        yield srv
-    finally:
-        srv.close()
+    yield from redis_server()
 
 
 @pytest.fixture(scope="module")

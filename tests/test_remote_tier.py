@@ -19,10 +19,15 @@ import pytest
 from kv_offload.config import RemoteConfig
 from kv_offload.testing.redis_server import RedisServer
 from kv_offload.testing.store_process import StoreStartError
-from kv_offload.tiers.remote.format import HEADER_BYTES, check_header, encode_header, store_key
+from kv_offload.tiers.remote.format import (
+    HEADER_BYTES,
+    check_header,
+    encode_header,
+    store_key,
+)
 from kv_offload.tiers.remote.lookup import RemoteIndex
 from kv_offload.tiers.remote.tier import RemoteTier
-from tests.remote_common import store_unavailable
+from tests.remote_common import redis_server, store_unavailable
 
 BLOCK = 64 * 1024
 NS = bytes(range(16))
@@ -30,15 +35,7 @@ NS = bytes(range(16))
 
 @pytest.fixture
 def server() -> Iterator[RedisServer]:
-    try:
-        srv = RedisServer().start()
-    except StoreStartError as exc:
-        store_unavailable(str(exc))
-        raise
-    try:
-        yield srv
-    finally:
-        srv.close()
+    yield from redis_server()
 
 
 def _config(url: str, **extra: object) -> RemoteConfig:

@@ -25,12 +25,12 @@ import pytest
 
 from kv_offload.config import ConfigError, OffloadConfig, RemoteConfig
 from kv_offload.testing.redis_server import RedisServer
-from kv_offload.testing.store_process import StoreStartError, free_port
+from kv_offload.testing.store_process import free_port
 from kv_offload.tiers.remote.lookup import RemoteIndex
 from kv_offload.tiers.remote.redis_store import RedisStore
 from kv_offload.tiers.remote.store import StoreUnavailable
 from kv_offload.tiers.remote.tier import RemoteTier
-from tests.remote_common import store_unavailable
+from tests.remote_common import redis_server
 
 SECRET = "Pw-7f3a:9/q@x#%Z"  # ':', '/', '@', '#', '%': quoted in a URL
 WRONG = "Wr0ng-5ecret:b@d"
@@ -55,28 +55,12 @@ def exception_text(exc: BaseException) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    try:
-        srv = RedisServer(password=SECRET).start()
-    except StoreStartError as exc:
-        store_unavailable(str(exc))
-        raise
-    try:
-        yield srv
-    finally:
-        srv.close()
+    yield from redis_server(password=SECRET)
 
 
 @pytest.fixture(scope="module")
 def acl_server() -> Iterator[RedisServer]:
-    try:
-        srv = RedisServer(password=WRONG + "-default", user="kvo", user_password=SECRET).start()
-    except StoreStartError as exc:
-        store_unavailable(str(exc))
-        raise
-    try:
-        yield srv
-    finally:
-        srv.close()
+    yield from redis_server(password=WRONG + "-default", user="kvo", user_password=SECRET)
 
 
 @pytest.fixture

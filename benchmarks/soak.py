@@ -239,10 +239,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.4 * duration)
             m0 = scrape_metrics(server.port)
             kill_t = clients.now()
-            stack.store.kill()
+            stack.store.kill()  # returns once redis-server has exited (it can take seconds)
+            exit_s = clients.now() - kill_t
             time.sleep(args.redis_down_s)
             stack.store.start()
-            redis_fault = {"killed_at_s": kill_t, "restarted_at_s": clients.now(), "down_s": args.redis_down_s, "_m0": m0}
+            redis_fault = {"killed_at_s": kill_t, "restarted_at_s": clients.now(), "down_s": args.redis_down_s,
+                           "exit_after_kill_s": exit_s, "_m0": m0}  # fmt: skip
         time.sleep(max(0.0, duration - clients.now()))
         sent = clients.stop()
         wall = clients.now()

@@ -78,7 +78,10 @@ _LIVE: set[ManagedProcess] = set()
 @atexit.register
 def _kill_leftovers() -> None:
     for proc in list(_LIVE):
-        proc.kill()
+        try:
+            proc.kill(wait_s=5.0)
+        except RuntimeError:
+            pass  # the interpreter is exiting: SIGKILL was sent, nothing else can be done
 
 
 class ManagedProcess:
@@ -157,16 +160,24 @@ class ManagedProcess:
             self.kill()
         _LIVE.discard(self)
 
-    def kill(self) -> None:
-        """SIGKILL the process group at once (a crash, as far as clients can tell)."""
+    def kill(self, wait_s: float = 120.0) -> None:
+        """SIGKILL the process group at once (a crash, as far as clients can tell), and wait
+        until the process has exited: a later :meth:`spawn` or a server's ``start()`` would
+        otherwise see it still running and start nothing. A killed process can take seconds
+        to go (its memory is freed on exit; a soak saw a 1 GB redis-server outlive a 5 s wait
+        on a loaded 2-core machine, and its "restart" then started nothing).
+
+        Raises :class:`RuntimeError` naming the process if it is still there after ``wait_s``.
+        """
         if self._proc is None:
             return
         self._signal(signal.SIGKILL)
         try:
-            self._proc.wait(5.0)
+            self._proc.wait(wait_s)
         except subprocess.TimeoutExpired:
-            pass
-        self._paused = False
+            raise RuntimeError(f"pid {self._proc.pid} still running {wait_s:g} s after SIGKILL") from None
+        finally:
+            self._paused = False
         _LIVE.discard(self)
 
 

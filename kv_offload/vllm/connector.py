@@ -39,6 +39,7 @@ from kv_offload.vllm.compat import (
     KVConnectorWorkerMetadata,
     SupportsHMA,
 )
+from kv_offload.vllm.imports import ImportIndex, import_geometries, import_tier_name, producer_namespace
 from kv_offload.vllm.metadata import StepPlan, TransferReport
 from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
@@ -95,6 +96,7 @@ def check_components(config: OffloadConfig, geometry: KVGeometry, world_size: in
         POLICIES.resolve(config.eviction_policy, config.eviction_policy_module_path)
     except RegistryError as exc:
         raise ConfigError("eviction_policy", str(exc)) from None
+    import_geometries(config, geometry)  # a producer block size that does not divide ours, ...
     return num_slots
 
 
@@ -188,6 +190,8 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 self._refresher = _Refresher(self.disk_index, _DISK_REFRESH_SECONDS)
             self.remote_index: RemoteIndex | None = None
             self._remote_lookups: BlockTier | None = None
+            self._refreshers: list[_Refresher] = []  # of the imports' disk indexes
+            self._import_lookups: list[BlockTier] = []
             if self.config.remote is not None:
                 # The scheduler's own connection, for lookups only (rank 0's keys), asked on
                 # a thread of its own within the lookup budget: never on the step.
@@ -206,10 +210,12 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                         " kv-transfer-config at start-up: give it with remote.password_file or"
                         " remote.password_env instead"
                     )
+            self._import_indexes = self._open_import_indexes()
             self.scheduler_half = SchedulerHalf(
                 self.config, manager, block_size=block_size, world_size=self.world_size,
                 namespace=self.namespace.digest, extra_keys=compat.block_extra_keys, disk=self.disk_index,
                 remote=self.remote_index, remote_write=self.config.remote is None or self.config.remote.write,
+                imports=[index for index, _ in self._import_indexes],
             )  # fmt: skip
             if self.config.recompute_on_load_failure and compat.use_recompute_policy(vllm_config):
                 logger.info("kv_offload: kv_load_failure_policy set to 'recompute' (a failed load recomputes)")
@@ -223,10 +229,40 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             check_components(self.config, self.geometry, self.world_size)
             rank = compat.worker_rank()
             tiered = self.config.disk is not None or self.config.remote is not None
-            namespace = compat.namespace(vllm_config, self.geometry).rank_digest(rank) if tiered else None
+            own = compat.namespace(vllm_config, self.geometry) if tiered else None
+            namespace = own.rank_digest(rank) if own is not None else None
+            imports = [
+                (src, producer_namespace(own, src).rank_digest(rank))
+                for src in import_geometries(self.config, self.geometry) if own is not None
+            ]  # fmt: skip
             self.worker_half = WorkerHalf(
-                self.config, self.geometry, world_size=self.world_size, rank=rank, namespace=namespace
-            )
+                self.config, self.geometry, world_size=self.world_size, rank=rank, namespace=namespace,
+                imports=imports,
+            )  # fmt: skip
+
+    def _open_import_indexes(self) -> list[tuple[ImportIndex, BlockTier | RemoteIndex]]:
+        """The scheduler's view of each ``imports`` entry in each lower tier: the producer's
+        tier opened on its namespace (rank 0's keys, read only; the disk's index refreshed
+        like our own), wrapped to answer by our keys (see :mod:`kv_offload.vllm.imports`)."""
+        out: list[tuple[ImportIndex, BlockTier | RemoteIndex]] = []
+        for i, src in enumerate(import_geometries(self.config, self.geometry)):
+            theirs = producer_namespace(self.namespace, src)
+            ratio = self.geometry.block_size // src.block_size
+            if self.config.disk is not None:
+                disk = open_disk_tier(self.config.disk, src.slot_bytes, theirs.rank_digest(0), self.world_size)
+                self._refreshers.append(_Refresher(disk, _DISK_REFRESH_SECONDS))
+                out.append((ImportIndex(import_tier_name("disk", i), disk, theirs.digest, src.block_size, ratio), disk))
+            if self.config.remote is not None:
+                lookups = open_remote_tier(self.config.remote, src.slot_bytes, theirs.rank_digest(0))
+                remote = RemoteIndex(lookups, self.config.remote.lookup_budget_ms / 1000)
+                self._import_lookups.append(lookups)
+                name = import_tier_name("remote", i)
+                out.append((ImportIndex(name, remote, theirs.digest, src.block_size, ratio), remote))
+            logger.info(
+                "kv_offload: importing blocks of %s pages, %s, %d tokens (%d per block of ours), key namespace %s",
+                src.page_format.value, str(src.dtype).removeprefix("torch."), src.block_size, ratio, theirs.to_json(),
+            )  # fmt: skip
+        return out
 
     # -- vLLM properties and class hooks -------------------------------------------------
     @property
@@ -398,6 +434,13 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         if self.scheduler_half is not None and self.disk_index is not None:
             self._refresher.stop()
             self.disk_index.close()
+        if self.scheduler_half is not None:
+            for refresher in self._refreshers:
+                refresher.stop()
+            for _, index in self._import_indexes:
+                index.close()
+            for lookups in self._import_lookups:
+                lookups.close()
         if self.scheduler_half is not None and self.remote_index is not None:
             self.remote_index.close()
             assert self._remote_lookups is not None

@@ -31,6 +31,11 @@ class OffloadCounters:
     #: prompt tokens served from the disk / remote tier (also in ``hit_tokens``)
     disk_hit_tokens: int = 0
     remote_hit_tokens: int = 0
+    #: prompt tokens served from another engine's blocks, converted on load (also in
+    #: ``hit_tokens`` and their tier's); blocks so imported; imports that failed (recomputed)
+    import_hit_tokens: int = 0
+    imported_blocks: int = 0
+    failed_imports: int = 0
     #: blocks promoted from a lower tier -> pool -> KV cache; promotions that failed (recomputed)
     promoted_blocks: int = 0
     failed_promotes: int = 0

@@ -49,6 +49,14 @@ class LowerTier:
     #: are mostly outages, and another instance may store the block again: it is asked
     #: about again after a while.
     failed_ttl_s: float | None = None
+    #: another engine's blocks, converted on load (:mod:`kv_offload.vllm.imports`): never
+    #: written, and counted as imports besides their medium's hits
+    imported: bool = False
+
+    @property
+    def medium(self) -> str:
+        """The tier the blocks are in ("disk", "remote"); an import's name is ``disk.import0``."""
+        return self.name.split(".", 1)[0]
 
     def ours(self, key: bytes) -> bool:
         """``key`` was written by our workers after the index last looked at the tier."""

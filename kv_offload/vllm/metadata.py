@@ -35,6 +35,9 @@ class JobSpec:
     #: a load vLLM scheduled in the same step (``load_kv_async`` False): the worker copies
     #: it before the forward pass and does not report the request as finished receiving
     sync: bool = False
+    #: an import's promotion (tier ``disk.import0``, ...): per block, the producer keys it is
+    #: converted from, joined (see :mod:`kv_offload.vllm.imports`)
+    sources: tuple[bytes, ...] = ()
 
 
 @dataclass

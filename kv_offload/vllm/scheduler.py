@@ -29,7 +29,7 @@ import logging
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kv_offload.config import OffloadConfig
 from kv_offload.keys import DIGEST_BYTES, ExtraKeys, KeyChain
@@ -41,6 +41,9 @@ from kv_offload.vllm.lower_tiers import REMOTE_RETRY_S, TIER_ORDER, LowerTier, T
 from kv_offload.vllm.metadata import JobSpec, StepPlan, TransferReport
 from kv_offload.vllm.request_state import ReqState as _ReqState
 from kv_offload.vllm.request_state import RequestView, ScheduledRequest
+
+if TYPE_CHECKING:
+    from kv_offload.vllm.imports import ImportIndex
 
 __all__ = ["REMOTE_RETRY_S", "TIER_ORDER", "OffloadCounters", "RequestView", "ScheduledRequest", "SchedulerHalf",
            "TierIndex"]  # fmt: skip
@@ -70,6 +73,9 @@ class SchedulerHalf:
         remote: the remote tier's index (None: no remote tier), below the disk: the same.
         remote_write: write completed stores through to the remote tier (false: a
             read-only consumer of a store others fill).
+        imports: other engines' blocks in the disk or remote tier, in another page geometry
+            (:class:`~kv_offload.vllm.imports.ImportIndex`), looked up below this engine's
+            own tiers and promoted under its own keys (converted by the workers).
         clock: monotonic seconds, for the backstop on jobs no worker reports (tests step it).
     """
 
@@ -85,6 +91,7 @@ class SchedulerHalf:
         disk: TierIndex | None = None,
         remote: TierIndex | None = None,
         remote_write: bool = True,
+        imports: Sequence[ImportIndex] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if len(namespace) != DIGEST_BYTES:
@@ -103,6 +110,10 @@ class SchedulerHalf:
             self.tiers["disk"] = LowerTier("disk", disk)
         if remote is not None:
             self.tiers["remote"] = LowerTier("remote", remote, write=remote_write, failed_ttl_s=REMOTE_RETRY_S)
+        self.imports = {index.name: index for index in imports}
+        for index in imports:
+            ttl = REMOTE_RETRY_S if index.medium == "remote" else None
+            self.tiers[index.name] = LowerTier(index.name, index, write=False, failed_ttl_s=ttl, imported=True)
         self._reqs: dict[str, _ReqState] = {}
         #: request -> (first block, pool hits, hits of each lower tier in order, load sync)
         self._matches: dict[str, tuple[int, int, tuple[int, ...], bool]] = {}
@@ -169,6 +180,10 @@ class SchedulerHalf:
             return None, False  # the very next block is being stored: ask again next step
         for tier in self.tiers.values():
             # A lower tier is asked only for what the tiers above lack.
+            if tier.imported and total < end and room > 0:
+                extra = self._extra_keys(request) if self._extra_keys is not None else None
+                self.imports[tier.name].prepare(request.request_id, request.all_token_ids, start + total,
+                                                keys[total:end], extra)  # fmt: skip
             run = self._tier_run(tier, keys[total:end]) if total < end and room > 0 else 0
             if run is None:
                 return None, False
@@ -233,10 +248,12 @@ class SchedulerHalf:
             if end > begin:
                 self._plan_promote(tier.name, req_id, keys[begin:end], device_blocks[begin:end], state)
                 tokens = (end - begin) * self.block_size
-                if tier.name == "disk":
+                if tier.medium == "disk":
                     self._counters.disk_hit_tokens += tokens
                 else:
                     self._counters.remote_hit_tokens += tokens
+                if tier.imported:
+                    self._counters.import_hit_tokens += tokens
             begin = end
         self._counters.hit_tokens += num_external_tokens
 
@@ -255,12 +272,17 @@ class SchedulerHalf:
         n = 0  # the leading blocks that got slots, in order, are promoted
         while n < len(got) and got[n] == keys[n]:
             n += 1
+        # An import reads each block's producer blocks (known since the lookup).
+        sources = self.imports[tier].sources(keys[:n]) if tier in self.imports and n else ()
+        if sources is None:
+            n = 0
         if plan is not None and len(got) > n:
             self.manager.complete_store(got[n:], success=False)
         if n:
-            assert plan is not None
+            assert plan is not None and sources is not None
             job_id = self._new_job(_Kind.PROMOTE, keys[:n], device_blocks[:n], tier)
-            self._step_promotes.append(JobSpec(job_id, device_blocks[:n], plan.slots[:n], req_id, keys[:n], tier=tier))
+            self._step_promotes.append(JobSpec(job_id, device_blocks[:n], plan.slots[:n], req_id, keys[:n], tier=tier,
+                                               sources=sources))  # fmt: skip
         if n < len(keys):  # no room (or the pool got them meanwhile): fails at once, recomputed
             job_id = self._new_job(_Kind.PROMOTE, (), device_blocks[n:], tier)
             self._step_promotes.append(JobSpec(job_id, device_blocks[n:], (), req_id, tier=tier))
@@ -278,6 +300,8 @@ class SchedulerHalf:
         """``request`` finished or was aborted. Its jobs stay tracked until they settle."""
         self._reqs.pop(request.request_id, None)
         self._matches.pop(request.request_id, None)
+        for index in self.imports.values():
+            index.finish(request.request_id)
 
     # -- per step (vLLM: build_connector_meta) ---------------------------------------------
     def build_plan(
@@ -389,7 +413,8 @@ class SchedulerHalf:
                 # pool -> KV cache, both legs), writeback (pool -> disk), and the same two for
                 # the remote tier.
                 # The remote tier's paths are "remote_promote" and "remote_writeback".
-                path = job.kind.value if job.tier in ("", "disk") else f"{job.tier}_{job.kind.value}"
+                medium = job.tier.split(".", 1)[0]  # an import's medium: "disk.import0" -> "disk"
+                path = job.kind.value if medium in ("", "disk") else f"{medium}_{job.kind.value}"
                 self._counters.transfers.append((path, outcome.nbytes, outcome.seconds))
             if outcome.success and not late and job.kind is not _Kind.WRITEBACK:
                 loading = job.kind is not _Kind.STORE
@@ -454,7 +479,9 @@ class SchedulerHalf:
             if job.success and job.keys:
                 counters.loaded_blocks += len(job.keys)
                 counters.promoted_blocks += len(job.keys)
-                if tier.name == "disk":
+                if tier.imported:
+                    counters.imported_blocks += len(job.keys)
+                if tier.medium == "disk":
                     counters.disk_read_bytes += nbytes
                 else:
                     counters.remote_read_bytes += nbytes
@@ -468,8 +495,10 @@ class SchedulerHalf:
             else:
                 counters.failed_loads += 1
                 counters.failed_promotes += 1
-                if tier.name == "remote":
+                if tier.medium == "remote":
                     counters.remote_failed_promotes += 1
+                if tier.imported:
+                    counters.failed_imports += 1
                 for key in job.keys:
                     tier.written.pop(key, None)
                     tier.failed[key] = time.monotonic()
@@ -483,7 +512,7 @@ class SchedulerHalf:
             if job.success:
                 counters.written_back_blocks += len(job.keys)
                 nbytes = len(job.keys) * self.manager.block_bytes
-                if tier.name == "disk":
+                if tier.medium == "disk":
                     counters.disk_written_bytes += nbytes
                 else:
                     counters.remote_written_bytes += nbytes
@@ -495,7 +524,7 @@ class SchedulerHalf:
                 self._bound(tier.written)
             else:
                 counters.failed_writebacks += 1
-                if tier.name == "remote":
+                if tier.medium == "remote":
                     counters.remote_failed_writebacks += 1
         else:
             self.manager.complete_store(job.keys, job.success)

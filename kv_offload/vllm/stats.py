@@ -21,6 +21,10 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:promoted_blocks_total``        blocks promoted disk -> pool -> KV cache
 ``kv_offload:failed_promotes_total``        promotions that failed (the request recomputed)
 ``kv_offload:written_back_blocks_total``    blocks written through to the disk tier
+``kv_offload:import_hit_tokens_total``      prompt tokens served from another engine's blocks
+                                            (``imports``), converted on load
+``kv_offload:imported_blocks_total``        blocks imported (converted into this engine's pages)
+``kv_offload:failed_imports_total``         imports that failed (the request recomputed)
 ``kv_offload:failed_writebacks_total``      write-backs that failed (the blocks stay DRAM-only)
 ``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``: load,
                                             store, promote (disk -> pool -> KV cache), writeback
@@ -69,6 +73,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "failed_promotes": ("kv_offload:failed_promotes", "Promotions from a lower tier that failed (recomputed)."),
     "written_back_blocks": ("kv_offload:written_back_blocks", "KV blocks written through to a lower tier."),
     "failed_writebacks": ("kv_offload:failed_writebacks", "Write-backs to a lower tier that failed."),
+    "import_hit_tokens": (
+        "kv_offload:import_hit_tokens", "Prompt tokens served from another engine's blocks, converted on load.",
+    ),
+    "imported_blocks": ("kv_offload:imported_blocks", "KV blocks imported from another engine's page geometry."),
+    "failed_imports": ("kv_offload:failed_imports", "Imports of another engine's blocks that failed (recomputed)."),
 }
 #: data key -> (metric name, help text); the latest value wins
 GAUGES: dict[str, tuple[str, str]] = {

@@ -45,7 +45,7 @@ from kv_offload.transfer import Direction, TransferEngine, TransferJob, regions_
 from kv_offload.transfer.tier_io import TierIO, TierOp
 from kv_offload.tiers.base import BlockTier
 from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferReport
-from kv_offload.vllm.worker_setup import backend_spec, make_engine, open_disk_tier, open_remote_tier
+from kv_offload.vllm.worker_setup import backend_spec, make_engine, open_disk_tier, open_import_tiers, open_remote_tier
 
 if TYPE_CHECKING:
     from kv_offload.testing.faults import ThreadFaults
@@ -88,11 +88,14 @@ class WorkerHalf:
         world_size, rank: this worker's place (the pool capacity is split over workers).
         namespace: this worker's 16-byte key namespace (``Namespace.rank_digest(rank)``),
             needed with a lower tier (disk, remote): tiers keep each namespace's blocks apart.
+        imports: per ``imports`` entry of the config, the producer's geometry and its
+            namespace for this rank: its blocks are read from the same tiers and converted
+            (:mod:`kv_offload.vllm.imports`).
     """
 
     def __init__(
         self, config: OffloadConfig, geometry: KVGeometry, *, world_size: int = 1, rank: int = 0,
-        namespace: bytes | None = None,
+        namespace: bytes | None = None, imports: Sequence[tuple[KVGeometry, bytes]] = (),
     ) -> None:  # fmt: skip
         self.config = config
         self.geometry = geometry
@@ -111,6 +114,8 @@ class WorkerHalf:
         if config.remote is not None:
             assert namespace is not None
             self.tiers["remote"] = open_remote_tier(config.remote, geometry.slot_bytes, namespace)
+        # Below its own tiers: other engines' blocks, converted as a promotion reads them.
+        self.tiers.update(open_import_tiers(config, geometry, imports, world_size, self._chunk_blocks))
         self._tier_io: dict[str, TierIO] = {}
         backend_cls = BACKENDS.resolve(config.backend, config.backend_module_path)
         self.backend: StorageBackend = backend_cls(backend_spec(config, geometry, world_size, rank))
@@ -144,6 +149,11 @@ class WorkerHalf:
         #: jobs failed at their deadline since start, by kind (load, store, promote, writeback)
         self.timed_out: Counter[str] = Counter()
         self._faults: list[ThreadFaults] = []
+
+    @property
+    def _chunk_blocks(self) -> int:
+        """Blocks per chunk of a promotion (about ``PROMOTE_CHUNK_BYTES``)."""
+        return max(1, PROMOTE_CHUNK_BYTES // self.geometry.slot_bytes)
 
     # -- set-up --------------------------------------------------------------------------
     def register(self, layers: Sequence[torch.Tensor]) -> None:
@@ -240,14 +250,15 @@ class WorkerHalf:
                 continue
             promo = self._promotions[job.job_id] = _Promotion(job, time.perf_counter())
             self._start_clock(job.job_id)
-            step = max(1, PROMOTE_CHUNK_BYTES // self.geometry.slot_bytes)
+            step = self._chunk_blocks
+            names = job.sources or job.keys  # an import reads each block's producer blocks
             for begin in range(0, len(job.keys), step):
                 end = min(len(job.keys), begin + step)
                 chunk = next(self._chunk_ids)
                 promo.chunks[chunk] = (begin, end)
                 promo.reading.add(chunk)
                 self._chunk_of[chunk] = job.job_id
-                io.read(chunk, job.keys[begin:end], job.slots[begin:end])
+                io.read(chunk, names[begin:end], job.slots[begin:end])
 
     def submit_stores(self, plan: StepPlan) -> None:
         for job in plan.stores:
@@ -485,6 +496,8 @@ class WorkerHalf:
             return None
         data: dict[str, int] = {}
         for name, tier in self.tiers.items():
+            if "." in name:
+                continue  # an import (disk.import0): the same medium, another engine's blocks
             st = tier.stats().__dict__
             seen = self._tier_seen.setdefault(name, {})
             for suffix, field_name in self._TIER_DELTAS.items():

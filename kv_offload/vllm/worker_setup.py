@@ -16,7 +16,7 @@ from kv_offload.transfer import TransferEngine
 from kv_offload.transfer.plan import PageRegion
 from kv_offload.tiers.base import BlockTier
 
-__all__ = ["backend_spec", "make_engine", "open_disk_tier", "open_remote_tier"]
+__all__ = ["backend_spec", "make_engine", "open_disk_tier", "open_import_tiers", "open_remote_tier"]
 
 
 def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, rank: int) -> BackendSpec:
@@ -57,6 +57,30 @@ def open_remote_tier(remote: RemoteConfig, block_bytes: int, namespace: bytes) -
     from kv_offload.tiers.remote.tier import RemoteTier
 
     return RemoteTier(remote, namespace, block_bytes)
+
+
+def open_import_tiers(
+    config: OffloadConfig,
+    geometry: KVGeometry,
+    imports: Sequence[tuple[KVGeometry, bytes]],
+    world_size: int,
+    max_blocks: int,
+) -> dict[str, BlockTier]:
+    """One worker's view of other engines' blocks (config ``imports``), by tier name
+    (``disk.import0``, ...): each producer's tier (disk and/or remote, as configured) opened
+    on its rank namespace and slot size, wrapped to convert into ``geometry`` on read.
+    ``imports``: per entry, (the producer's geometry, its namespace for this rank)."""
+    from kv_offload.vllm.imports import ConvertingTier, import_tier_name
+
+    tiers: dict[str, BlockTier] = {}
+    for i, (src, namespace) in enumerate(imports):
+        if config.disk is not None:
+            inner = open_disk_tier(config.disk, src.slot_bytes, namespace, world_size)
+            tiers[import_tier_name("disk", i)] = ConvertingTier(inner, src, geometry, max_blocks)
+        if config.remote is not None:
+            inner = open_remote_tier(config.remote, src.slot_bytes, namespace)
+            tiers[import_tier_name("remote", i)] = ConvertingTier(inner, src, geometry, max_blocks)
+    return tiers
 
 
 def make_engine(

@@ -254,3 +254,25 @@ def test_stats_never_wait_for_a_connection_attempt(server: RedisServer) -> None:
     finally:
         server.resume()
         tier.close()
+
+
+def test_the_lookup_cache_keeps_only_answers_it_can_still_use(server: RedisServer) -> None:
+    """Found by the soak: expired answers were dropped only past 200 000 keys, and the
+    scheduler's process grew about 1.3 MiB a minute under load (vLLM alone: flat)."""
+    tier = RemoteTier(_config(server.url), NS, BLOCK)
+    index = RemoteIndex(tier, budget_s=0.5, ttl_s=0.2)
+    try:
+        for round_ in range(5):
+            keys = _keys(200, tag=10 + round_)
+            deadline = time.monotonic() + 5
+            while index.contains(keys) is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert len(index) >= 1
+            index.learn(_keys(50, tag=100 + round_))
+            assert len(index) <= 200 + 50, len(index)  # this round's answers only, never the earlier rounds'
+            time.sleep(0.3)  # past the ttl: the next answers push these out
+        assert index.contains(_keys(1, tag=10)) is None  # an expired answer is asked again, not reused
+    finally:
+        index.close()
+        tier.close()

@@ -55,6 +55,7 @@ from serving_workload import (  # noqa: E402
     WorkloadSpec,
     build_workload,
     drive,
+    json_clean,
     metrics_delta,
     per_request,
     scrape_metrics,
@@ -261,17 +262,6 @@ def plot(rows: list[dict[str, Any]], raw: dict[str, list[dict[str, Any]]], path:
     plt.close(fig)
 
 
-def clean(obj: Any) -> Any:
-    """NaN -> None, for strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean(v) for v in obj]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (CI): 4 users, small documents, < 3 min")
@@ -358,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                "configs": [{**s, "per_request": per_request(raw[s["config"]])} for s in rows]}  # fmt: skip
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         # Paths of this checkout are written relative to it ("<repo>/..."): results are committed.
-        Path(args.json).write_text(json.dumps(clean(doc), indent=1).replace(str(ROOT), "<repo>") + "\n")
+        Path(args.json).write_text(json.dumps(json_clean(doc), indent=1).replace(str(ROOT), "<repo>") + "\n")
         print(f"[bench] wrote {args.json}")
     if args.plot:
         title = (f"{spec.users} users, {n_req} requests, working set {ws / kv_tokens:.1f}x vLLM's KV cache;"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
 import sys
 import threading
@@ -306,6 +307,17 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 # -- statistics ----------------------------------------------------------------------------
+
+
+def json_clean(obj: Any) -> Any:
+    """NaN -> None, in nested dicts and lists, for strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_clean(v) for v in obj]
+    return obj
 
 
 def pct(values: list[float], q: float) -> float:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -49,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_model
 from serving_server import Server, kvo_config, tree_rss_by_name, tree_shm, tree_usage
-from serving_workload import metrics_delta, pct, scrape_metrics
+from serving_workload import json_clean, metrics_delta, pct, scrape_metrics
 from soak_faults import kill_server_phase
 from soak_isolation import isolation_check
 from soak_workload import (
@@ -446,16 +445,6 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def clean(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean(v) for v in obj]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=None, help="soak duration (default 10; quick 2)")
@@ -501,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[soak] {report['meta']['total_s']:.0f} s in all; {'ok' if not report['failures'] else 'FAILED'}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(clean(report), indent=1).replace(str(ROOT), "<repo>") + "\n")
+        Path(args.json).write_text(json.dumps(json_clean(report), indent=1).replace(str(ROOT), "<repo>") + "\n")
         print(f"[soak] wrote {args.json}")
     return 1 if report["failures"] else 0
 

@@ -7,8 +7,10 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kv_offload.tiers.disk import DiskTier
 
@@ -52,3 +54,32 @@ def tmpfs(path: str, size: str) -> Iterator[str | None]:
     finally:
         if ok:
             subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def small_fs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` of its own under ``tmp_path`` (for a fixture to yield from), or a
+    skip saying why none can be mounted here."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)  # fmt: skip
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {res.stderr.strip()[:120]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """A ballast file at ``path`` taking every free byte of its file system."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, b"\1" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)

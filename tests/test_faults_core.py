@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,8 @@ from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import GAUGES, KVOffloadStats
 from kv_offload.vllm.worker import WorkerHalf, open_disk_tier
 
+from disk_tier_helpers import fill
+from disk_tier_helpers import small_fs as disk_small_fs
 from halves_helpers import BS, GEOM, FakeRequest
 from halves_helpers import make_half as _half
 from halves_helpers import make_layers as _layers
@@ -295,37 +296,14 @@ def test_an_exception_in_the_tier_thread_fails_that_write_back_only(tmp_path: Pa
 # -- a full disk (a real size-limited tmpfs) -------------------------------------------------------
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 12 MiB tmpfs of its own, or a skip saying why none can be mounted here."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)  # fmt: skip
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {res.stderr.strip()[:120]}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path: Path) -> None:
-    """A ballast file taking every free byte of the file system."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while os.write(fd, b"\1" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
+    """A 12 MiB tmpfs of its own (or a skip saying why none can be mounted here)."""
+    yield from disk_small_fs(tmp_path, "12m")
 
 
 def test_a_full_disk_fails_write_backs_once_warned_and_recovers(small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
     tier_dir = small_fs / "tier"
     half, worker, index, layers = _disk_halves(str(tier_dir))
-    _fill(small_fs / "ballast")
+    fill(small_fs / "ballast")
     caplog.set_level(logging.WARNING, logger="kv_offload.tiers.disk")
     for i in range(3):
         _stored(half, worker, [100 * i + j for j in range(2 * BS)], [1, 2])

@@ -12,7 +12,9 @@ from __future__ import annotations
 import gc
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +65,23 @@ def run_engine(model: Path, kv_transfer_config: Any, work: Callable[[Any], T], *
     finally:
         del llm
         gc.collect()
+
+
+@contextmanager
+def generate_deadline(seconds: int) -> Iterator[None]:
+    """Turn a stall inside ``LLM.generate`` (which loops until every request is done) into a
+    test failure instead of a hung test (SIGALRM; the main thread only)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"LLM.generate did not finish within {seconds} s: requests stalled")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def documents(n: int, tokens: int, seed: int = 1) -> list[list[int]]:

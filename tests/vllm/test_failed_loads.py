@@ -12,14 +12,11 @@ the same load), and a pool smaller than one prompt (its leading blocks are still
 from __future__ import annotations
 
 import random
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BLOCK, connector_config, documents, greedy, prompt, run_engine
+from conftest import BLOCK, connector_config, documents, generate_deadline, greedy, prompt, run_engine
 
 pytestmark = pytest.mark.vllm
 
@@ -60,25 +57,9 @@ def _stepped(llm: Any, seed: int, max_steps: int = 1500) -> tuple[dict[int, list
     return outputs, steps
 
 
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    """Turn a stall inside ``LLM.generate`` (which loops until done) into a test failure."""
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"LLM.generate did not finish within {seconds} s: requests stalled")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _generate(llm: Any, seed: int) -> dict[int, list[int]]:
     prompts, params = _workload(seed)
-    with _deadline(300):
+    with generate_deadline(300):
         results = llm.generate([prompt(p) for p in prompts], params, use_tqdm=False)
     return {i: list(r.outputs[0].token_ids) for i, r in enumerate(results)}
 

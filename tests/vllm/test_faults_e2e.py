@@ -12,15 +12,21 @@ hits: loads; in the disk run, with the pool cleared first: promotions from disk)
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import connector_config, documents, greedy, prompt, run_engine
+from conftest import (
+    connector_config,
+    documents,
+    generate_deadline,
+    greedy,
+    prompt,
+    run_engine,
+)
+from disk_tier_helpers import fill
+from disk_tier_helpers import small_fs as disk_small_fs
 
 pytestmark = pytest.mark.vllm
 
@@ -32,24 +38,10 @@ MAX_TOKENS = 6
 GENERATE_GUARD_S = 240
 
 
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"LLM.generate did not finish within {seconds} s: requests stalled")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _rounds(llm: Any, between: Callable[[int], None] | None = None) -> list[list[list[int]]]:
     out = []
     for r, prompts in enumerate(ROUNDS):
-        with _deadline(GENERATE_GUARD_S):
+        with generate_deadline(GENERATE_GUARD_S):
             results = llm.generate([prompt(p) for p in prompts], greedy(MAX_TOKENS), use_tqdm=False)
         out.append([list(res.outputs[0].token_ids) for res in results])
         if between is not None:
@@ -115,30 +107,8 @@ def test_exceptions_in_transfer_threads_fail_jobs_not_requests(
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs of its own, or a skip saying why none can be mounted here."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)  # fmt: skip
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {res.stderr.strip()[:120]}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while os.write(fd, b"\1" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
+    """A 24 MiB tmpfs of its own (or a skip saying why none can be mounted here)."""
+    yield from disk_small_fs(tmp_path, "24m")
 
 
 def test_full_then_slow_disk(tiny_model: Path, baseline: list[list[list[int]]], small_fs: Path) -> None:
@@ -157,7 +127,7 @@ def test_full_then_slow_disk(tiny_model: Path, baseline: list[list[list[int]]], 
         llm.reset_prefix_cache(reset_connector=r == 1)  # before round 2: the pool too
 
     def work(llm: Any) -> tuple[Any, dict[str, Any]]:
-        _fill(ballast)
+        fill(ballast)
         return _faulty(between)(llm)
 
     # 16 MiB of disk (32 blocks: A and B fit, no disk eviction), one segment, laid out when

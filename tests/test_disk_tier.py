@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import logging
 import os
 import shutil
@@ -378,3 +379,44 @@ def test_threads_share_one_tier(tmp_path: object) -> None:
         with ThreadPoolExecutor(4) as ex:
             assert all(ex.map(work, range(4)))
         assert t.stats().blocks <= 24 and time.perf_counter() - t0 < 20
+
+
+def test_a_namespace_says_what_it_holds_and_a_bad_label_changes_nothing_else(tmp_path: object) -> None:
+    """The label (``namespace.json``) of a namespace directory: written owner-only, shown by
+    ``list``, removed by ``purge``; a planted symlink, directory or garbage there is ignored
+    (and replaced by the next writer) and the blocks stay readable."""
+    from kv_offload.tiers.disk.label import LABEL_NAME
+
+    root = os.path.join(str(tmp_path), "kv")
+    label = {"page_format": "NHD", "kv_dtype": "bfloat16", "block_size": 16, "rank": 0, "model": "/models/tiny-llama/"}
+    with tier(root, label=label) as t:
+        write(t, [key(i) for i in range(3)])
+    path = os.path.join(_ns_dir(root), LABEL_NAME)
+    assert json.loads(open(path).read()) == label and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    listed = _cli("list", "--path", root)
+    assert "NHD, bfloat16, 16-token blocks, rank 0, tiny-llama" in listed.stdout, listed.stdout
+    outside = os.path.join(str(tmp_path), "outside.json")
+    with open(outside, "w") as f:
+        f.write("{}")
+    for planted in ("symlink", "directory", "garbage"):
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+        if planted == "symlink":
+            os.symlink(outside, path)
+        elif planted == "directory":
+            os.mkdir(path)
+        else:
+            with open(path, "w") as f:
+                f.write("not json")
+        assert "(no label)" in _cli("list", "--path", root).stdout, planted  # never followed or trusted
+        with tier(root) as t:  # no label given: nothing written, blocks found by key
+            assert read_back(t, [key(i) for i in range(3)])[0] == [True] * 3
+        if planted != "directory":  # the next writer replaces it (a directory stays: one warning)
+            with tier(root, label=label) as t:
+                assert read_back(t, [key(0)])[0] == [True]
+            assert not os.path.islink(path) and json.loads(open(path).read()) == label, planted
+    assert open(outside).read() == "{}"  # the symlink's target was never written
+    gone = _cli("purge", "--path", root, "--namespace", NS.hex())
+    assert gone.returncode == 0 and not os.path.exists(_ns_dir(root)), gone.stdout

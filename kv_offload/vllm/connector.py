@@ -46,6 +46,7 @@ from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
 from kv_offload.vllm.worker import (
     WorkerHalf,
     backend_spec,
+    namespace_label,
     open_disk_tier,
     open_remote_tier,
 )
@@ -185,8 +186,9 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 # The scheduler's view of rank 0's disk tier: an index it only reads, refreshed
                 # in the background for blocks other processes wrote (it never writes).
                 self.disk_index = open_disk_tier(
-                    self.config.disk, self.geometry.slot_bytes, self.namespace.rank_digest(0), self.world_size
-                )
+                    self.config.disk, self.geometry.slot_bytes, self.namespace.rank_digest(0), self.world_size,
+                    label=namespace_label(self.namespace, 0, self.geometry),
+                )  # fmt: skip
                 self._refresher = _Refresher(self.disk_index, _DISK_REFRESH_SECONDS)
             self.remote_index: RemoteIndex | None = None
             self._remote_lookups: BlockTier | None = None
@@ -237,7 +239,7 @@ class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             ]  # fmt: skip
             self.worker_half = WorkerHalf(
                 self.config, self.geometry, world_size=self.world_size, rank=rank, namespace=namespace,
-                imports=imports,
+                imports=imports, label=namespace_label(own, rank, self.geometry) if own is not None else None,
             )  # fmt: skip
 
     def _open_import_indexes(self) -> list[tuple[ImportIndex, BlockTier | RemoteIndex]]:

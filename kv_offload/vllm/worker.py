@@ -31,10 +31,10 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,12 +45,19 @@ from kv_offload.transfer import Direction, TransferEngine, TransferJob, regions_
 from kv_offload.transfer.tier_io import TierIO, TierOp
 from kv_offload.tiers.base import BlockTier
 from kv_offload.vllm.metadata import JobOutcome, JobSpec, StepPlan, TransferReport
-from kv_offload.vllm.worker_setup import backend_spec, make_engine, open_disk_tier, open_import_tiers, open_remote_tier
+from kv_offload.vllm.worker_setup import (
+    backend_spec,
+    make_engine,
+    namespace_label,
+    open_disk_tier,
+    open_import_tiers,
+    open_remote_tier,
+)
 
 if TYPE_CHECKING:
     from kv_offload.testing.faults import ThreadFaults
 
-__all__ = ["WorkerHalf", "backend_spec", "make_engine", "open_disk_tier", "open_remote_tier"]
+__all__ = ["WorkerHalf", "backend_spec", "make_engine", "namespace_label", "open_disk_tier", "open_remote_tier"]
 
 # A child of vLLM's logger, so messages show in vLLM's log with its format.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -91,11 +98,14 @@ class WorkerHalf:
         imports: per ``imports`` entry of the config, the producer's geometry and its
             namespace for this rank: its blocks are read from the same tiers and converted
             (:mod:`kv_offload.vllm.imports`).
+        label: what this worker's disk namespace holds (``namespace_label``), written in the
+            namespace directory for operators and importers.
     """
 
     def __init__(
         self, config: OffloadConfig, geometry: KVGeometry, *, world_size: int = 1, rank: int = 0,
         namespace: bytes | None = None, imports: Sequence[tuple[KVGeometry, bytes]] = (),
+        label: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.geometry = geometry
@@ -109,8 +119,9 @@ class WorkerHalf:
         if config.disk is not None:
             assert namespace is not None
             self.tiers["disk"] = open_disk_tier(
-                config.disk, geometry.slot_bytes, namespace, world_size, io_delay_s=config.slow_io_ms / 1000
-            )
+                config.disk, geometry.slot_bytes, namespace, world_size, io_delay_s=config.slow_io_ms / 1000,
+                label=label,
+            )  # fmt: skip
         if config.remote is not None:
             assert namespace is not None
             self.tiers["remote"] = open_remote_tier(config.remote, geometry.slot_bytes, namespace)

@@ -5,18 +5,20 @@ scheduler's read-only view of the disk tier)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from kv_offload.backends import BackendSpec
 from kv_offload.config import DiskConfig, OffloadConfig, RemoteConfig
 from kv_offload.geometry import KVGeometry
+from kv_offload.keys import Namespace
 from kv_offload.transfer import TransferEngine
 from kv_offload.transfer.plan import PageRegion
 from kv_offload.tiers.base import BlockTier
 
-__all__ = ["backend_spec", "make_engine", "open_disk_tier", "open_import_tiers", "open_remote_tier"]
+__all__ = ["backend_spec", "make_engine", "namespace_label", "open_disk_tier", "open_import_tiers", "open_remote_tier"]
 
 
 def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, rank: int) -> BackendSpec:
@@ -37,17 +39,26 @@ def backend_spec(config: OffloadConfig, geometry: KVGeometry, world_size: int, r
 
 
 def open_disk_tier(
-    disk: DiskConfig, block_bytes: int, namespace: bytes, world_size: int = 1, *, io_delay_s: float = 0.0
-) -> BlockTier:
+    disk: DiskConfig, block_bytes: int, namespace: bytes, world_size: int = 1, *, io_delay_s: float = 0.0,
+    label: Mapping[str, Any] | None = None,
+) -> BlockTier:  # fmt: skip
     """The disk tier of one worker (or the scheduler's view of it): ``disk.capacity_bytes`` is
     split evenly over the workers, each of which keeps its shards in its own namespace.
-    ``io_delay_s``: test only (config ``slow_io_ms``), every read and write sleeps first."""
+    ``io_delay_s``: test only (config ``slow_io_ms``), every read and write sleeps first.
+    ``label``: what the namespace holds (:func:`namespace_label`), for our own namespaces only."""
     from kv_offload.tiers.disk import DiskTier
 
     return DiskTier(
         disk.path, disk.capacity_bytes // world_size, namespace, block_bytes, threads=disk.threads,
-        io_delay_s=io_delay_s,
+        io_delay_s=io_delay_s, label=label,
     )  # fmt: skip
+
+
+def namespace_label(namespace: Namespace, rank: int, geometry: KVGeometry) -> dict[str, Any]:
+    """The label of one worker's namespace directory: the namespace's fields, the rank (the
+    directory is ``namespace.rank_digest(rank)``) and the page geometry of its blocks."""
+    return {**namespace.describe(), "rank": rank, "rank_digest": namespace.rank_digest(rank).hex(),
+            "geometry": geometry.describe()}  # fmt: skip
 
 
 def open_remote_tier(remote: RemoteConfig, block_bytes: int, namespace: bytes) -> BlockTier:

@@ -16,6 +16,7 @@ bytes are in another format than their namespace says change the output.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,14 @@ def test_kv_offload_imports_a_cuda_engines_blocks_on_vllm_cpu(tiny_model: Path, 
     assert totals["written_back_blocks"] == 4 + totals["stored_blocks"], totals
     assert [r[2] for r in ours] == [512, 512, 0]
     assert [r[2] for r in theirs_out] == [0, 0, 0]
+    # The consumer labelled its own namespace directory with what it holds (what a third
+    # engine would name in its imports); the producer's, written here without one, has none.
+    labels = {d.name: json.loads((d / "namespace.json").read_text()) for d in disks["good"].iterdir()
+              if (d / "namespace.json").exists()}  # fmt: skip
+    assert len(labels) == 1, labels
+    (dir_name, label), = labels.items()
+    assert (label["page_format"], label["kv_dtype"], label["block_size"], label["rank"]) == ("CPU", "float32", 128, 0)
+    assert label["rank_digest"] == dir_name and label["geometry"]["page_format"] == "CPU", label
 
     # A config that misstates the producer's format or dtype names another namespace: no hit,
     # the prompts recompute (and still match vLLM alone).

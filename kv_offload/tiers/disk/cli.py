@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """``python -m kv_offload disk list|verify|purge --path DIR [--namespace HEX]``.
 
-``list``: namespaces with their block counts and bytes. ``verify``: read every block and check
+``list``: namespaces with their block counts, bytes and label (what they hold). ``verify``: read every block and check
 its checksum; prints each corrupt block and exits 1 if there was one. ``purge``: remove one
 namespace's blocks (segments no live process owns are deleted; in a segment a live process
 owns, every entry is cleared under the slot locks, so that process sees misses).
@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from kv_offload.tiers.disk.files import AlignedBuffer, DiskTierError, check_directory, check_stat, open_private_subdir
 from kv_offload.tiers.disk.format import NAMESPACE_DIR_RE, parse_segment_name
+from kv_offload.tiers.disk.label import read_label, remove_label, summary
 from kv_offload.tiers.disk.segment import ReadResult, Segment, UnsafeSegmentFile
 
 __all__ = ["main", "build_parser"]
@@ -85,15 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _list(root_fd: int, names: list[str]) -> int:
-    print(f"{'namespace':32}  {'blocks':>8}  {'bytes':>14}  segments")
+    print(f"{'namespace':32}  {'blocks':>8}  {'bytes':>14}  {'segments':>8}  holds (the directory's label)")
     for ns_hex in names:
-        with _segments(root_fd, ns_hex) as (_, segs):
+        with _segments(root_fd, ns_hex) as (ns_fd, segs):
             blocks = nbytes = 0
             for seg in segs:
                 n = len(_valid(seg, bytes.fromhex(ns_hex)))
                 blocks += n
                 nbytes += n * (seg.header.block_bytes if seg.header else 0)
-            print(f"{ns_hex:32}  {blocks:>8}  {nbytes:>14}  {len(segs)}")
+            print(f"{ns_hex:32}  {blocks:>8}  {nbytes:>14}  {len(segs):>8}  {summary(read_label(ns_fd))}")
     return 0
 
 
@@ -135,6 +136,8 @@ def _purge(root_fd: int, names: list[str]) -> int:
                     deleted += 1
                 else:
                     cleared += sum(seg.clear(slot, None) for slot in range(seg.slots))
+            if deleted and not cleared:
+                remove_label(ns_fd)  # the label goes with the last segment (a live owner writes it again)
         if deleted and not cleared:
             try:
                 os.rmdir(ns_hex, dir_fd=root_fd)

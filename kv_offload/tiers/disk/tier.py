@@ -28,10 +28,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kv_offload.policies import POLICIES, EvictionPolicy
 from kv_offload.tiers.base import BlockTier, TierStats
@@ -39,6 +39,7 @@ from kv_offload.tiers.disk.files import (
     BufferPool, DiskTierError, check_stat, make_private_dir, open_private_subdir, probe_direct,
 )  # fmt: skip
 from kv_offload.tiers.disk.format import MAX_KEY_BYTES
+from kv_offload.tiers.disk.label import write_label
 from kv_offload.tiers.disk.segment import FaultHook, ReadResult, Segment
 from kv_offload.tiers.disk.segments import Loc, SegmentSet
 
@@ -106,12 +107,14 @@ class DiskTier(SegmentSet, BlockTier):
     segment size (default 256 MiB, or capacity/64 when larger). ``fault_hook``: a test hook, see
     :data:`~kv_offload.tiers.disk.segment.FaultHook`. ``io_delay_s``: test only, every
     :meth:`read` and :meth:`write` call first sleeps this long (slow I/O, config ``slow_io_ms``).
+    ``label``: what this namespace holds, written as the namespace directory's label
+    (:mod:`~kv_offload.tiers.disk.label`; advice for operators and importers, never trusted).
     """
 
     def __init__(
         self, path: str | os.PathLike[str], capacity_bytes: int, namespace: bytes, block_bytes: int, *,
         threads: int = 4, policy: str | EvictionPolicy = "lru", segment_bytes: int | None = None,
-        fault_hook: FaultHook | None = None, io_delay_s: float = 0.0,
+        fault_hook: FaultHook | None = None, io_delay_s: float = 0.0, label: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(namespace, block_bytes)
         self.io_delay_s = io_delay_s
@@ -155,6 +158,11 @@ class DiskTier(SegmentSet, BlockTier):
         except BaseException:
             os.close(self._root_fd)
             raise
+        if label is not None:
+            try:
+                write_label(self._ns_fd, label)
+            except (OSError, ValueError) as e:
+                log.warning("disk tier %s: cannot write the namespace label (%s); blocks are unaffected", self.path, e)
         self.direct = probe_direct(self._ns_fd)
         self._stats.io_mode = "direct" if self.direct else "buffered"
         t0 = time.perf_counter()

@@ -120,3 +120,21 @@ def test_decode_query_and_kv_dtypes_may_differ(q_dtype: torch.dtype, kv_dtype: t
     assert out.dtype == q_dtype
     ref = decode_attention_ref(q, case.cache, case.table, case.lens, g, case.layer)
     assert_close_to_oracle(out, ref, torch_lowp_decode(q, case) if q_dtype != torch.float32 else None)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_query_and_out_dim_strides(isa: str, dtype: torch.dtype) -> None:
+    """Dim stride 1 (W lanes at a time) and dim stride 2 (element by element) give the same bits."""
+    g = make_geometry(dtype, PageFormat.CPU, head_size=64, block_size=BS)
+    lens = [5, 40, 17]
+    case = make_paged(g, lens, seed=12)
+    q = torch.randn(len(lens), 8, 64).to(dtype)
+    out = paged_decode_attention(q, case.cache, case.table, case.lens, g, case.layer, isa=isa)
+    q_wide = torch.zeros(len(lens), 8, 128, dtype=dtype)
+    q_wide[..., 1::2] = q
+    out_s = torch.full((len(lens), 8, 128), float("nan"), dtype=dtype)[..., ::2]
+    paged_decode_attention(q_wide[..., 1::2], case.cache, case.table, case.lens, g, case.layer, isa=isa, out=out_s)
+    assert torch.equal(out_s, out)
+    ref = decode_attention_ref(q, case.cache, case.table, case.lens, g, case.layer)
+    assert_close_to_oracle(out, ref, torch_lowp_decode(q, case))

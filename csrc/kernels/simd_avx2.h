@@ -69,19 +69,21 @@ struct Simd {
     _mm256_storeu_ps(dst + 6 * stride, _mm256_permute2f128_ps(s2, s6, 0x31));
     _mm256_storeu_ps(dst + 7 * stride, _mm256_permute2f128_ps(s3, s7, 0x31));
   }
-  // 2^x; exactly 0 below -125 (so exp2(-inf) = 0).
+  // 2^x; exactly 0 below -125 (so exp2(-inf) = 0). 2^x = 2^n * 2^f with n = round(x), f in
+  // [-0.5, 0.5], 2^f a degree-5 minimax polynomial in f (see kExp2C0) and 2^n built in the
+  // exponent bits. Lanes below -125 (and -inf, NaN) are zeroed by the final AND whatever n's
+  // conversion gave, so only the upper clamp is needed.
   static inline vf exp2(vf x) {
-    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-125.0f), _CMP_GE_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-125.0f)), _mm256_set1_ps(127.0f));
-    __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 y = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-125.0f), _CMP_GE_OQ);
+    x = _mm256_min_ps(x, _mm256_set1_ps(127.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(kExp2C5);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C0));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
   }

@@ -98,8 +98,8 @@ class WorkerHalf:
         imports: per ``imports`` entry of the config, the producer's geometry and its
             namespace for this rank: its blocks are read from the same tiers and converted
             (:mod:`kv_offload.vllm.imports`).
-        label: what this worker's disk namespace holds (``namespace_label``), written in the
-            namespace directory for operators and importers.
+        label: what this worker's namespace holds (``namespace_label``), written in the disk
+            tier's namespace directory and put in the remote tier, for operators and importers.
     """
 
     def __init__(
@@ -110,6 +110,7 @@ class WorkerHalf:
         self.config = config
         self.geometry = geometry
         self.rank = rank
+        self.namespace = namespace
         #: the tiers below the pool, by name ("disk", "remote"), top to bottom
         self.tiers: dict[str, BlockTier] = {}
         #: per tier: counters already reported by take_tier_stats
@@ -124,7 +125,7 @@ class WorkerHalf:
             )  # fmt: skip
         if config.remote is not None:
             assert namespace is not None
-            self.tiers["remote"] = open_remote_tier(config.remote, geometry.slot_bytes, namespace)
+            self.tiers["remote"] = open_remote_tier(config.remote, geometry.slot_bytes, namespace, label=label)
         # Below its own tiers: other engines' blocks, converted as a promotion reads them.
         self.tiers.update(open_import_tiers(config, geometry, imports, world_size, self._chunk_blocks))
         self._tier_io: dict[str, TierIO] = {}
@@ -187,8 +188,9 @@ class WorkerHalf:
             )  # fmt: skip
         self.engine = engine
         logger.info(
-            "kv_offload: pool of %d blocks (%d bytes each) for %d layers on %s",
+            "kv_offload: pool of %d blocks (%d bytes each) for %d layers on %s%s",
             self.backend.num_slots(), self.geometry.slot_bytes, len(layers), layers[0].device,
+            f"; rank {self.rank}'s lower-tier namespace {self.namespace.hex()}" if self.namespace else "",
         )  # fmt: skip
 
     def _install_thread_faults(self, engine: TransferEngine) -> None:

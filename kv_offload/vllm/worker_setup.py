@@ -55,19 +55,23 @@ def open_disk_tier(
 
 
 def namespace_label(namespace: Namespace, rank: int, geometry: KVGeometry) -> dict[str, Any]:
-    """The label of one worker's namespace directory: the namespace's fields, the rank (the
-    directory is ``namespace.rank_digest(rank)``) and the page geometry of its blocks."""
+    """The label of one worker's namespace (a disk tier directory, a remote tier label value):
+    the namespace's fields, the rank (the namespace is ``namespace.rank_digest(rank)``) and
+    the page geometry of its blocks."""
     return {**namespace.describe(), "rank": rank, "rank_digest": namespace.rank_digest(rank).hex(),
             "geometry": geometry.describe()}  # fmt: skip
 
 
-def open_remote_tier(remote: RemoteConfig, block_bytes: int, namespace: bytes) -> BlockTier:
+def open_remote_tier(
+    remote: RemoteConfig, block_bytes: int, namespace: bytes, *, label: Mapping[str, Any] | None = None
+) -> BlockTier:
     """The remote tier of one worker (or the scheduler's lookup client): each worker keeps
     its shard under its own namespace. Connects now; a store that is down is a warning,
-    and the tier reconnects in the background of its next calls."""
+    and the tier reconnects in the background of its next calls. ``label``: what the
+    namespace holds (:func:`namespace_label`), put with the blocks; for our own namespaces only."""
     from kv_offload.tiers.remote.tier import RemoteTier
 
-    return RemoteTier(remote, namespace, block_bytes)
+    return RemoteTier(remote, namespace, block_bytes, label=label)
 
 
 def open_import_tiers(

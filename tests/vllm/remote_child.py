@@ -125,6 +125,7 @@ def main() -> None:
         written = connector.scheduler_half.tiers["remote"].written
         ns = connector.namespace.rank_digest(0)
         result["remote_names"] = [store_key(connector.config.remote.prefix, ns, k) for k in written]
+        result["remote_namespace"] = ns.hex()
     print("RESULT " + json.dumps(result), flush=True)
     del llm
 

@@ -168,16 +168,43 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         s.close()
 
 
+def remote_cli(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m kv_offload remote ...`` on the test's store, configured as the connector is."""
+    cmd = [sys.executable, "-m", "kv_offload", "remote", *args, "--remote", json.dumps(store.remote())]
+    env = dict(os.environ, **{PASSWORD_ENV: store.password})
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
+
+
+def check_label(store: Store, namespace: str, model: Path) -> None:
+    """The writer labelled its namespace in the store with what it holds; the CLI shows it."""
+    shown = remote_cli(store, "show", "--namespace", namespace)
+    assert shown.returncode == 0, shown.stderr
+    label = json.loads(shown.stdout)
+    assert (label["page_format"], label["kv_dtype"], label["block_size"], label["rank"]) == ("CPU", "float32", BLOCK, 0)
+    assert label["rank_digest"] == namespace and label["model"].rstrip("/").endswith(model.name), label
+    listed = remote_cli(store, "list")
+    if store.kind == "redis":
+        assert listed.returncode == 0, listed.stderr
+        (row,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(namespace)]
+        assert f"CPU, float32, {BLOCK}-token blocks, rank 0, {model.name}" in row, listed.stdout
+    else:  # Mooncake Store cannot list its keys: a clear error, and show works
+        assert listed.returncode == 2 and "cannot list" in listed.stderr, (listed.returncode, listed.stderr)
+
+
 def test_a_second_instance_serves_what_the_first_computed_through_faults(
     store: Store, baseline: dict[str, Any], tiny_model: Path, tmp_path: Path
 ) -> None:
     base = {"model": str(tiny_model), "max_tokens": 8, "remote": store.remote()}
     # (a) the first instance computes the documents and writes them to the store.
-    first = child({**base, "phases": [{"prompts": turn(0)}]}, password=store.password)["phases"][0]
+    first_run = child({**base, "phases": [{"prompts": turn(0)}]}, password=store.password)
+    first = first_run["phases"][0]
     assert tokens(first) == baseline[0]
     assert first["totals"]["remote_written_bytes"] > 0
     written = first["totals"]["written_back_blocks"]
     assert written >= 3 * (FULL // BLOCK), first["totals"]
+    check_label(store, first_run["remote_namespace"], tiny_model)
+    # ... and says where (what `remote show` needs on a store that cannot list its keys).
+    assert f"rank 0's lower-tier namespace {first_run['remote_namespace']}" in first_run["log"]
 
     killed, back, stalled = (tmp_path / n for n in ("killed", "back", "stalled"))
     proc = child({**base, "phases": [

@@ -256,6 +256,22 @@ class RedisStore(RemoteStore):
             pipe.execute_command("UNLINK", key)
         self._raise_errors(self._execute(pipe, "remove"), "remove")
 
+    def scan(self, pattern: str, limit: int) -> list[str]:
+        """``SCAN`` (never ``KEYS``: it does not block the server) until ``limit`` names."""
+        import redis.exceptions as rex
+
+        if self._closed:
+            raise StoreUnavailable(f"the store connection to {self._shown} is closed")
+        names: list[str] = []
+        try:
+            for name in self._client.scan_iter(match=pattern, count=1000):
+                names.append(name.decode() if isinstance(name, bytes) else str(name))
+                if len(names) >= limit:
+                    break
+        except (rex.ConnectionError, rex.TimeoutError, rex.ResponseError, OSError) as exc:  # also: an ACL without SCAN
+            raise self._unavailable(exc, "scan") from None
+        return names
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

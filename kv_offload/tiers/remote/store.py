@@ -93,6 +93,12 @@ class RemoteStore(ABC):
     def remove(self, keys: Sequence[str]) -> None:
         """Drop each key if present (used to discard corrupt values). Default: nothing."""
 
+    def scan(self, pattern: str, limit: int) -> list[str]:
+        """Up to ``limit`` key names matching the Redis-style glob ``pattern``, for operators'
+        listings (``python -m kv_offload remote list``), never on a serving path.
+        Default: the store cannot list its keys (``NotImplementedError``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its keys")
+
     def register_memory(self, buffer: memoryview) -> None:
         """Host memory that ``put``/``get`` bodies will lie in (the pool), for stores that
         move data in place and need it registered first. Default: nothing to do."""

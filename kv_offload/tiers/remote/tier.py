@@ -13,6 +13,10 @@ the connection is managed here, once for every store:
 - every operation is bounded by ``timeout_ms`` (the adapter's socket or RPC timeout), so a
   stalled store costs a failed job, not a stuck engine.
 
+A writing tier given a ``label`` (what its namespace holds, :mod:`~kv_offload.tiers.remote.label`)
+puts it with its first block batch after each (re)connect, and again every 5 minutes with a
+batch, so an operator or an importer can tell what the namespace holds.
+
 Unlike the disk tier's, ``contains`` asks the store (one batched round trip): the scheduler
 calls it through :class:`~kv_offload.tiers.remote.lookup.RemoteIndex`, off the engine step.
 """
@@ -22,13 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kv_offload.config import ConfigError, RemoteConfig
 from kv_offload.tiers.base import BlockTier, TierStats
 from kv_offload.tiers.remote.format import HEADER_BYTES, check_header, checksum, encode_header, store_key
+from kv_offload.tiers.remote.label import encode_label, label_name
 from kv_offload.tiers.remote.store import MISSING, STORES, RemoteStore, StoreUnavailable
 
 __all__ = ["RemoteTier", "RemoteTierStats"]
@@ -36,6 +41,7 @@ __all__ = ["RemoteTier", "RemoteTierStats"]
 logger = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S = 0.5
+_LABEL_REFRESH_S = 300.0  # the label is put again this often while blocks are written
 _T = TypeVar("_T")
 
 
@@ -61,6 +67,8 @@ class RemoteTier(BlockTier):
         block_bytes: the pool's slot size.
         store_factory: builds the adapter (default: the adapter of the URL's scheme); tests
             pass their own to wrap a real one.
+        label: what this namespace holds (JSON-serialisable, at most 64 KiB), put with the
+            block writes (see the module docstring); ``None``: no label.
     """
 
     def __init__(
@@ -70,8 +78,11 @@ class RemoteTier(BlockTier):
         block_bytes: int,
         *,
         store_factory: Callable[[], RemoteStore] | None = None,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(namespace, block_bytes)
+        self._label = (label_name(config.prefix, namespace), encode_label(namespace, label)) if label else None
+        self._label_due = 0.0  # monotonic time from which the next block batch carries the label
         self.config = config
         self._factory = store_factory or self._default_factory
         #: guards the fields below; never held across I/O (``stats`` runs on the engine step)
@@ -142,6 +153,7 @@ class RemoteTier(BlockTier):
             now = time.monotonic()
             self._store = store
             self._stats.connected = 1
+            self._label_due = 0.0  # a store back from an outage may have lost it
             if self._down_since is not None:
                 self._stats.reconnects += 1
                 logger.warning(
@@ -255,7 +267,18 @@ class RemoteTier(BlockTier):
                 header = headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES]
                 encode_header(header, self.namespace, key, body)
                 values.append((header, body))
-            return store.put([self._name(k) for k, _ in items], values)
+            names = [self._name(k) for k, _ in items]
+            now = time.monotonic()
+            with_label = self._label is not None and now >= self._label_due
+            if with_label:  # in the same batch: no round trip of its own
+                assert self._label is not None
+                names.append(self._label[0])
+                values.append(self._label[1])
+            ok = store.put(names, values)
+            if with_label and ok.pop():  # (pop: the label's own result is not a block's)
+                with self._lock:
+                    self._label_due = now + _LABEL_REFRESH_S
+            return ok
 
         ok = self._attempt(put)
         if ok is None:

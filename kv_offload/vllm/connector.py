@@ -43,13 +43,8 @@ from kv_offload.vllm.imports import ImportIndex, import_geometries, import_tier_
 from kv_offload.vllm.metadata import StepPlan, TransferReport
 from kv_offload.vllm.scheduler import ScheduledRequest, SchedulerHalf
 from kv_offload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
-from kv_offload.vllm.worker import (
-    WorkerHalf,
-    backend_spec,
-    namespace_label,
-    open_disk_tier,
-    open_remote_tier,
-)
+from kv_offload.vllm.worker import WorkerHalf
+from kv_offload.vllm.worker_setup import backend_spec, namespace_label, open_disk_tier, open_remote_tier
 
 __all__ = [
     "KVOffloadConnector", "KVOffloadMetadata", "KVOffloadWorkerMetadata", "build_manager", "check_components",

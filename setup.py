@@ -26,8 +26,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
 
 # Per-ISA kernel TUs and their flags, by machine architecture.
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 _X86_ISAS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx512bf16": _AVX512_FLAGS + ["-mavx512bf16"],
+    "avx512": _AVX512_FLAGS,
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 _ARM_ISAS: dict[str, list[str]] = {"neon": []}

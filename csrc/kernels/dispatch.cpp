@@ -9,6 +9,9 @@
 namespace kv_offload {
 namespace cpu_attn {
 
+#ifdef KVO_HAVE_AVX512BF16
+const KernelTable* kernel_table_avx512bf16();
+#endif
 #ifdef KVO_HAVE_AVX512
 const KernelTable* kernel_table_avx512();
 #endif
@@ -36,6 +39,10 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("fma");
 }
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   // F16C has no __builtin_cpu_supports name on older compilers; every AVX2 CPU has it.
@@ -43,6 +50,7 @@ bool cpu_has_avx2() {
 }
 #else
 bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512bf16() { return false; }
 bool cpu_has_avx2() { return false; }
 #endif
 #if defined(__aarch64__)
@@ -55,6 +63,11 @@ bool always() { return true; }
 const KernelTable* none() { return nullptr; }
 
 const Path kPaths[] = {
+#ifdef KVO_HAVE_AVX512BF16
+    {"avx512bf16", true, &cpu_has_avx512bf16, &kernel_table_avx512bf16},
+#else
+    {"avx512bf16", false, &cpu_has_avx512bf16, &none},
+#endif
 #ifdef KVO_HAVE_AVX512
     {"avx512", true, &cpu_has_avx512, &kernel_table_avx512},
 #else
@@ -100,7 +113,7 @@ const KernelTable* select_kernels(const char* isa, const char** error) {
     }
     return p.table();
   }
-  *error = "unknown ISA path; expected one of auto, avx512, avx2, neon, scalar";
+  *error = "unknown ISA path; expected one of auto, avx512bf16, avx512, avx2, neon, scalar";
   return nullptr;
 }
 

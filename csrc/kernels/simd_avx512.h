@@ -1,15 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0
 // 16 x fp32 vectors on AVX-512F (compile only in a TU built with -mavx512f -mavx512bw
-// -mavx512vl -mavx512dq -mfma -mf16c).
+// -mavx512vl -mavx512dq -mfma -mf16c). With KVO_AVX512_BF16 defined to 1 (attn_avx512bf16.cpp,
+// built with -mavx512bf16 as well) the same struct lands in namespace avx512bf16: no inline
+// function is then shared by two TUs built with other flags.
 #pragma once
 
 #include <immintrin.h>
 
 #include "kernels/cpu_attn.h"
 
+#ifndef KVO_AVX512_BF16
+#define KVO_AVX512_BF16 0
+#endif
+
 namespace kv_offload {
 namespace cpu_attn {
+#if KVO_AVX512_BF16
+namespace avx512bf16 {
+#else
 namespace avx512 {
+#endif
 
 struct Simd {
   using vf = __m512;
@@ -100,6 +110,10 @@ struct Simd {
   static inline void load_bf16_pair(const bf16_t*, vf&, vf&) {}
 };
 
+#if KVO_AVX512_BF16
+}  // namespace avx512bf16
+#else
 }  // namespace avx512
+#endif
 }  // namespace cpu_attn
 }  // namespace kv_offload

@@ -7,7 +7,7 @@ argument (``Tensor(a!)`` in the schema) and return nothing; ``reshape_and_cache`
 its ``kv_cache``.
 
 ``KV_OFFLOAD_CPU_ATTN_ISA`` (read in :func:`default_isa`, the only place) forces a kernel path:
-``auto`` (default), ``avx512``, ``avx2``, ``neon`` or ``scalar``.
+``auto`` (default), ``avx512bf16``, ``avx512``, ``avx2``, ``neon`` or ``scalar``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = [
 
 ISA_ENV = "KV_OFFLOAD_CPU_ATTN_ISA"
 MAX_SPLITS = 1024  # most num_splits the decode op takes (kMaxSplits in csrc/ops/cpu_attention.cpp)
-ISA_NAMES = ("auto", "avx512", "avx2", "neon", "scalar")
+ISA_NAMES = ("auto", "avx512bf16", "avx512", "avx2", "neon", "scalar")
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

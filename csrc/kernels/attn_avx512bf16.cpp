@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Attention kernels for the avx512bf16 path: the avx512 path plus AVX512_BF16 (built with the
 // avx512 flags and -mavx512bf16; x86-64 only). The same code as attn_avx512.cpp, in its own
-// namespace, for the kernels that will use AVX512_BF16.
+// namespace, except that bf16 prefill computes Q.K with vdpbf16ps (see attn_bf16dot.h).
 // setup.py compiles this file with that path's flags; dispatch.cpp calls it only after a
 // run-time CPUID check says the CPU has the instructions.
 #if defined(__GNUC__) && !defined(__clang__)

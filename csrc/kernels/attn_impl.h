@@ -8,7 +8,9 @@
 // visible KV positions in chunks of at most kChunk tokens (one block, or part of one, or a
 // piece of the dense new-token K/V), and per chunk:
 //   1. S = Q K^T for all R rows (scores already in log2 units: Q is pre-scaled by
-//      scale * log2(e)); each K element is read from memory once for the R rows;
+//      scale * log2(e), or, for bf16 prefill on avx512bf16, the scores are scaled after
+//      bf16 dot products, see attn_bf16dot.h); each K element is read from memory once for
+//      the R rows;
 //   2. masks positions outside a row's window/causal range;
 //   3. online softmax: new running max, rescale of the accumulator, P = 2^(S - max);
 //   4. acc += P V, again reading each V element once for the R rows.
@@ -30,6 +32,7 @@
 #include "kernels/cpu_attn.h"
 #include "kernels/scalar_cvt.h"
 #include "kernels/attn_micro.h"
+#include "kernels/attn_bf16dot.h"
 
 namespace kv_offload {
 namespace cpu_attn {
@@ -37,6 +40,7 @@ namespace KVO_ISA {
 
 struct Scratch {
   std::vector<float> q, qp, s, acc, m, l, kbuf, vbuf;
+  std::vector<uint32_t> qb;  // Q rows as bf16 pairs (attn_bf16dot.h)
   alignas(64) float raw[kPartialFloats] = {};  // partial dot products (see chunk_scores)
   std::vector<int64_t> lo, hi;
   float sink = 0.0f;
@@ -51,6 +55,7 @@ struct Scratch {
     if (q.size() < static_cast<size_t>(rows) * d) {
       q.resize(static_cast<size_t>(rows) * d);
       qp.resize(static_cast<size_t>(rows) * d);
+      if constexpr (Simd::kBf16Dot) qb.resize(static_cast<size_t>(rows) * d / 2);
     }
     if (acc.size() < static_cast<size_t>(rows) * dv) acc.resize(static_cast<size_t>(rows) * dv);
     if (kbuf.size() < static_cast<size_t>(kChunk) * d) kbuf.resize(static_cast<size_t>(kChunk) * d);
@@ -127,6 +132,8 @@ struct RowJob {
   const KT* new_v;
   int64_t new_k_tok, new_v_tok;
   int64_t p_lo, p_hi;  // union of the rows' visible ranges
+  bool bf16_dot = false;  // staged Q.K from Scratch::qb with dot_bf16, scores times qscale
+  float qscale = 0.0f;
 };
 
 // ---- online softmax ------------------------------------------------------------------------
@@ -199,11 +206,23 @@ static inline void convert_row(const KT* src, float* dst, int n) {
   for (; i < n; ++i) dst[i] = to_f32(src[i]);
 }
 
+// Chunk c's V rows as fp32 in vbuf (fp32 V rows are read in place) into f.
+template <class KT>
+static Chunk<float> stage_v(const Chunk<KT>& c, int dv, float* vbuf, Chunk<float> f) {
+  if constexpr (std::is_same_v<KT, float>) {
+    f.v = c.v;
+    f.v_tok = c.v_tok;
+  } else {
+    for (int t = 0; t < c.n; ++t) convert_row(c.v + t * c.v_tok, vbuf + static_cast<size_t>(t) * dv, dv);
+  }
+  return f;
+}
+
 // For many rows (prefill): chunk c as fp32 K^T (rows of kChunk floats) and V rows, so the
 // Q.K tiles broadcast Q over token vectors (no horizontal sums) and nothing is converted
-// again for each row tile.
+// again for each row tile. k_pairs: K as bf16 pair rows instead (attn_bf16dot.h).
 template <class KT>
-static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, float* vbuf) {
+static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, float* vbuf, bool k_pairs) {
   Chunk<float> f;
   f.n = c.n;
   f.pos = c.pos;
@@ -221,6 +240,10 @@ static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, 
       f.v_tok = c.v_tok;
       return f;
     }
+  }
+  if (k_pairs) {
+    stage_k_pairs(c, d, kbuf);
+    return stage_v(c, dv, vbuf, f);
   }
   int t0 = 0;
   if (c.k_tok == 1) {
@@ -247,13 +270,7 @@ static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, 
   }
   for (int t = t0; t < n; ++t)
     for (int i = 0; i < d; ++i) kbuf[static_cast<size_t>(i) * kChunk + t] = to_f32(c.k[t * c.k_tok + i * c.k_dim]);
-  if constexpr (std::is_same_v<KT, float>) {  // fp32 V rows are read in place: nothing to convert
-    f.v = c.v;
-    f.v_tok = c.v_tok;
-  } else {
-    for (int t = 0; t < n; ++t) convert_row(c.v + t * c.v_tok, vbuf + static_cast<size_t>(t) * dv, dv);
-  }
-  return f;
+  return stage_v(c, dv, vbuf, f);
 }
 
 template <class KT, int DC>
@@ -305,8 +322,11 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
     }
     Chunk<float> f{};
     if (staged) {
-      f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data());
-      chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s, nullptr, pf);
+      f = stage_chunk(c, d, dv, sc.kbuf.data(), sc.vbuf.data(), job.bf16_dot);
+      if (job.bf16_dot)
+        chunk_scores_pairs<DC>(sc.qb.data(), rows, d, sc.kbuf.data(), n, job.qscale, s);
+      else
+        chunk_scores<float, DC>(sc.q.data(), nullptr, rows, d, f, s, nullptr, pf);
     } else {
       chunk_scores<KT, DC>(sc.q.data(), sc.qp.data(), rows, d, c, s, sc.raw, pf);
     }
@@ -482,6 +502,9 @@ static void prefill_items(const PrefillParams& p, int64_t begin, int64_t end) {
     job.new_v = static_cast<const KT*>(p.value.data) + row0 * p.value.s0 + h * p.value.s1;
     job.new_k_tok = p.key.s0;
     job.new_v_tok = p.value.s0;
+    // bf16 Q and K, many rows (the staged path): Q.K as bf16 dot products (attn_bf16dot.h).
+    job.bf16_dot = kBf16Dot<KT> && p.query.dtype == DType::kBFloat16 && job.rows > kMaxInPlaceRows;
+    job.qscale = qscale;
     int64_t p_lo = std::numeric_limits<int64_t>::max(), p_hi = 0;
     for (int t = 0; t < m; ++t) {
       const int64_t hi = prefix + tok0 + t + 1;
@@ -492,8 +515,12 @@ static void prefill_items(const PrefillParams& p, int64_t begin, int64_t end) {
         const int row = t * g + r;
         sc.lo[row] = lo;
         sc.hi[row] = hi;
-        load_q_row(p.query, row0 + tok0 + t, static_cast<int64_t>(h) * g + r, d, qscale,
-                   sc.q.data() + static_cast<size_t>(row) * d);
+        if (job.bf16_dot)
+          load_q_pairs(p.query, row0 + tok0 + t, static_cast<int64_t>(h) * g + r, d,
+                       sc.qb.data() + static_cast<size_t>(row) * d / 2);
+        else
+          load_q_row(p.query, row0 + tok0 + t, static_cast<int64_t>(h) * g + r, d, qscale,
+                     sc.q.data() + static_cast<size_t>(row) * d);
       }
     }
     job.p_lo = p_lo;

@@ -107,6 +107,7 @@ struct Simd {
     even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
+  static constexpr bool kBf16Dot = false;  // the bf16 dot-product path is avx512bf16 only
 };
 
 }  // namespace avx2

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 // 16 x fp32 vectors on AVX-512F (compile only in a TU built with -mavx512f -mavx512bw
 // -mavx512vl -mavx512dq -mfma -mf16c). With KVO_AVX512_BF16 defined to 1 (attn_avx512bf16.cpp,
-// built with -mavx512bf16 as well) the same struct lands in namespace avx512bf16: no inline
-// function is then shared by two TUs built with other flags.
+// built with -mavx512bf16 as well) the same struct lands in namespace avx512bf16 and gains the
+// bf16 dot product: no inline function is then shared by two TUs built with other flags.
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstdint>
 
 #include "kernels/cpu_attn.h"
 
@@ -108,6 +110,26 @@ struct Simd {
   static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static constexpr bool kBf16Pairs = false;  // the even/odd bf16 path is AVX2-only (see simd_avx2.h)
   static inline void load_bf16_pair(const bf16_t*, vf&, vf&) {}
+
+  // bf16 pairs (two bf16 in each 32-bit lane, the lower one first) for the staged bf16 Q.K
+  // (see attn_bf16dot.h). Vectors of pairs travel as vf bit patterns (moves and shuffles only).
+#if KVO_AVX512_BF16
+  static constexpr bool kBf16Dot = true;
+  // acc + a.lo * b.lo + a.hi * b.hi in each fp32 lane (vdpbf16ps: exact products, denormals
+  // flushed, rounded once per pair).
+  static inline vf dot_bf16(vf acc, vf a, vf b) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+  static inline vf set1_bits(uint32_t x) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(x))); }
+  // Lane j = (lo[j], hi[j]) for 16 consecutive bf16 values of each.
+  static inline vf zip_bf16(const bf16_t* lo, const bf16_t* hi) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+    const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
+    return _mm512_castsi512_ps(_mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+  }
+#else
+  static constexpr bool kBf16Dot = false;
+#endif
 };
 
 #if KVO_AVX512_BF16

@@ -40,6 +40,7 @@ struct Simd {
   static inline void prefetch(const void*) {}
   static constexpr bool kBf16Pairs = false;  // the even/odd bf16 path is AVX2-only (see simd_avx2.h)
   static inline void load_bf16_pair(const bf16_t*, vf&, vf&) {}
+  static constexpr bool kBf16Dot = false;  // the bf16 dot-product path is avx512bf16 only
 };
 
 }  // namespace scalar

@@ -50,6 +50,71 @@ def test_matches_reference(fmt: PageFormat, dtype: torch.dtype) -> None:
     assert torch.equal(cache, expected)
 
 
+def _run_slots(block_size: int) -> list[int]:
+    """Slot runs for every way a run of consecutive slots can start, stop or be cut."""
+    bs = block_size
+    return (
+        list(range(bs + 5, 3 * bs - 7))  # starts mid-block, crosses two block boundaries, longer than 32
+        + [5 * bs + 3, 5 * bs + 4, 5 * bs + 5, -1, 5 * bs + 6, 5 * bs + 7, 5 * bs + 8]  # cut by padding
+        + [4 * bs + 2, 4 * bs + 1, 4 * bs]  # descending
+        + [6 * bs + 1, 6 * bs + 3, 6 * bs + 5, 6 * bs + 6]  # same block, gaps
+        + list(range(7 * bs, 8 * bs))  # one whole block (tiles of 8 / 16 tokens and the 32-token cap)
+        + list(range(8 * bs + 1, 8 * bs + 12))  # not a multiple of any tile
+        + [9 * bs - 1, 9 * bs]  # consecutive slots in two blocks
+        + [-1, -1]
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("src", ["qkv", "dim_strided"])
+def test_runs_match_reference(fmt: PageFormat, dtype: torch.dtype, src: str) -> None:
+    # Runs of consecutive slots take the tiled path for a transposed K (CPU format); head size
+    # 160 is more than one 128-dim buffer fill.
+    g = KVGeometry(num_layers=2, num_kv_heads=3, head_size=160, block_size=48, dtype=dtype, page_format=fmt,
+                   head_size_v=32 if fmt is PageFormat.HND else None)  # fmt: skip
+    slots = torch.tensor(_run_slots(g.block_size))
+    tokens, num_blocks = len(slots), 10
+    gen = torch.Generator().manual_seed(1)
+    cache = torch.randint(0, 256, (num_blocks, g.block_bytes + 64), dtype=torch.uint8, generator=gen)[:, 64:]
+    expected = cache.clone()
+    h, d, dv = g.num_kv_heads, g.head_size, g.v_head_size
+    if src == "qkv":  # token-strided views of one wider tensor, as vLLM passes them
+        qkv = torch.randn(tokens, 2 * h * d + h * dv, generator=gen).to(dtype)
+        k = qkv[:, h * d : 2 * h * d].view(tokens, h, d)
+        v = qkv[:, 2 * h * d :].view(tokens, h, dv)
+    else:  # dim stride != 1
+        k = torch.randn(tokens, d, h, generator=gen).to(dtype).transpose(1, 2)
+        v = torch.randn(tokens, dv, h, generator=gen).to(dtype).transpose(1, 2)
+    k_before, v_before = k.clone(), v.clone()
+    reshape_and_cache(k, v, cache, slots, g, 1)
+    _reference(expected, k, v, slots, g, 1)
+    assert torch.equal(cache, expected)
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)
+    # every valid slot was written (the random cache bytes do not already hold the K/V)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            kp, vp = page_views(cache, slot // g.block_size, g, 1)
+            assert torch.equal(kp[:, slot % g.block_size], k[t]) and torch.equal(vp[:, slot % g.block_size], v[t])
+
+
+def test_prefill_sized_write_matches_reference() -> None:
+    # Hundreds of consecutive slots from a block start, as a prefill writes them (many threads' items).
+    g = KVGeometry(num_layers=1, num_kv_heads=4, head_size=64, block_size=32, dtype=torch.bfloat16,
+                   page_format=PageFormat.CPU)  # fmt: skip
+    tokens = 700
+    gen = torch.Generator().manual_seed(2)
+    cache = torch.zeros(30, g.block_bytes, dtype=torch.uint8)
+    expected = cache.clone()
+    qkv = torch.randn(tokens, 12, 64, generator=gen).to(torch.bfloat16)
+    k, v = qkv[:, 4:8], qkv[:, 8:12]
+    slots = torch.arange(4 * g.block_size + 9, 4 * g.block_size + 9 + tokens)
+    reshape_and_cache(k, v, cache, slots, g, 0)
+    _reference(expected, k, v, slots, g, 0)
+    assert torch.equal(cache, expected)
+    assert not cache[:4].any() and cache[4:].any()
+
+
 def test_slot_past_cache_writes_nothing() -> None:
     g = _geometry(torch.float32, PageFormat.CPU)
     cache = torch.zeros(2, g.block_bytes, dtype=torch.uint8)

@@ -62,27 +62,25 @@ def _open(cfg: RemoteConfig) -> RemoteStore:
     return adapter(cfg.url, cfg.options, timeout_s=cfg.timeout_ms / 1000, password=cfg.password)
 
 
-def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    try:
-        cfg = _config(args)
-        ns = None
-        if args.namespace is not None:
-            ns = bytes.fromhex(args.namespace) if len(args.namespace) == 32 else b""
-            if len(ns) != 16:
-                raise ConfigError("namespace", f"{args.namespace[:64]!r} is not 32 hex digits")
-        elif args.command == "show":
-            raise ConfigError("namespace", "show needs --namespace HEX")
-        store = _open(cfg)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StoreUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    try:
+def _namespace(args: argparse.Namespace) -> bytes | None:
+    if args.namespace is None:
         if args.command == "show":
-            assert ns is not None
+            raise ConfigError("namespace", "show needs --namespace HEX")
+        return None
+    try:
+        ns = bytes.fromhex(args.namespace)
+    except ValueError:
+        ns = b""
+    if len(ns) != 16:
+        raise ConfigError("namespace", f"{args.namespace[:64]!r} is not 32 hex digits")
+    return ns
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg, ns = _config(args), _namespace(args)
+    store = _open(cfg)
+    try:
+        if ns is not None and args.command == "show":
             label = read_label(store, cfg.prefix, ns)
             if label is None:
                 print(f"namespace {ns.hex()}: no label under prefix {cfg.prefix!r}", file=sys.stderr)
@@ -92,19 +90,28 @@ def main(argv: Sequence[str]) -> int:
         try:
             names = store.scan(label_pattern(cfg.prefix), _MAX_NAMESPACES)
         except NotImplementedError:
-            print(f"error: {cfg.scheme} stores cannot list their keys; use 'show --namespace HEX'", file=sys.stderr)
-            return 2
+            why = f"{cfg.scheme} stores cannot list their keys; use 'show --namespace HEX'"
+            raise NotImplementedError(why) from None
         found = sorted(labels(store, cfg.prefix, names), key=lambda x: x[0])
-        if ns is not None:
-            found = [(n, lab) for n, lab in found if n == ns]
         print(f"{'namespace':32}  holds (the namespace's label)")
         for digest, label in found:
-            print(f"{digest.hex():32}  {summary(label) if label is not None else '(label unreadable or not valid)'}")
+            if ns is None or digest == ns:
+                held = summary(label) if label is not None else "(label unreadable or not valid)"
+                print(f"{digest.hex():32}  {held}")
         if len(names) >= _MAX_NAMESPACES:
             print(f"(stopped after {_MAX_NAMESPACES} namespaces)", file=sys.stderr)
         return 0
+    finally:
+        store.close()
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    try:
+        return _run(args)
+    except (ConfigError, ValueError, NotImplementedError) as exc:  # a bad argument or key; a store that cannot list
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StoreUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        store.close()

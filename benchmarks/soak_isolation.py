@@ -50,6 +50,17 @@ HIT_KEYS = {
     "remote": "kv_offload:tier_hit_tokens_total{tier=remote}",
 }
 
+FILLER_KEYS = {
+    "disk_written_bytes": "kv_offload:tier_written_bytes_total{tier=disk}",
+    "disk_evicted_blocks": "kv_offload:tier_evicted_blocks_total{tier=disk}",
+    "disk_failed_writebacks": "kv_offload:tier_failed_writebacks_total{tier=disk}",
+    "remote_written_bytes": "kv_offload:tier_written_bytes_total{tier=remote}",
+    "failed_writebacks": "kv_offload:failed_writebacks_total",
+    "dram_evicted_blocks": "kv_offload:tier_evicted_blocks_total{tier=dram}",
+    "stored_blocks": "kv_offload:stored_blocks_total",
+    "written_back_blocks": "kv_offload:written_back_blocks_total",
+}
+
 
 def mann_whitney(a: list[float], b: list[float]) -> dict[str, float]:
     """Two-sided Mann-Whitney U test (normal approximation, ties by mid-rank): U of ``a``, z, p."""
@@ -134,6 +145,7 @@ def isolation_check(port: int, model: str, prompts: Prompts, vllm_blocks: int, t
     for place, filler_blocks in above.items():
         prompt = fresh(length)
         a1 = t.ask(prompt, salt_a)
+        pre_fill = t.settled_metrics()
         filled = 0
         if filler_blocks:
             target = int(filler_blocks * 1.5) + 8
@@ -143,6 +155,7 @@ def isolation_check(port: int, model: str, prompts: Prompts, vllm_blocks: int, t
         if place == "dram":
             reset_vllm_prefix_cache(port)
         before = t.settled_metrics()
+        fill = metrics_delta(pre_fill, before)
         b = t.ask(prompt, salt_b)
         mid = t.settled_metrics()
         a2 = t.ask(prompt, salt_a)
@@ -157,6 +170,9 @@ def isolation_check(port: int, model: str, prompts: Prompts, vllm_blocks: int, t
             "b_tokens_equal_a": b.token_ids == a1.token_ids, "a_again_equal": a2.token_ids == a1.token_ids,
             "isolated": (b.cached_tokens or 0) == 0 and not any(b_hits.values()),
             "a_hit_here": a_hits[place] > 0,
+            # what the filler did to the tiers (a stage whose filler did not reach a tier
+            # cannot have pushed A's blocks out of it)
+            "filler": {k: fill.get(key, 0.0) for k, key in FILLER_KEYS.items()},
         }  # fmt: skip
     # Timing: B's miss on A's prompt vs a never-seen prompt, in alternating order; A's hit as a control.
     ttft: dict[str, list[float]] = {"b_on_a_prompt": [], "never_seen": [], "a_again_hit": []}

@@ -68,3 +68,83 @@ def _leading(flags: list[bool]) -> int:
     while n < len(flags) and flags[n]:
         n += 1
     return n
+
+
+def test_before_any_refresh_the_record_keeps_no_more_blocks_than_the_disk_holds(tmp_path: os.PathLike[str]) -> None:
+    """Between two refreshes only the record speaks for the worker's writes. It keeps the
+    disk's own LRU order (written or promoted last = evicted last) and at most the disk's
+    capacity: the blocks written before the last DISK_BLOCKS are gone from the disk, and
+    offering them made the promotion fail and the request recompute."""
+    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "sync_load_max_bytes": 0,
+                                   "disk": {"path": str(tmp_path), "bytes": DISK_BLOCKS * GEOM.slot_bytes}})  # fmt: skip
+    index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
+    half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
+    worker = WorkerHalf(cfg, GEOM, namespace=b"n" * 16)
+    worker.register(make_layers())
+    try:
+        requests = [FakeRequest(f"r{i}", [1000 * i + t for t in range(BS)]) for i in range(DISK_BLOCKS + 2)]
+        for r in requests:
+            half.on_alloc(r, [0], 0)
+            step(half, worker, [ScheduledRequest(r, 0, BS, [0])])
+            run_until_settled(half, worker)
+            half.on_finished(r)
+            if r is requests[4]:  # the pool (4 slots) dropped r0; promoting it touches it on disk
+                again = FakeRequest("touch", requests[0].prompt + [7])
+                assert half.match(again, 0)[0] == BS
+                half.on_alloc(again, [1, 2], BS)
+                step(half, worker, [])
+                run_until_settled(half, worker)
+                half.on_finished(again)
+        counters = half.take_counters()
+        assert counters.written_back_blocks == len(requests) and counters.promoted_blocks == 1
+        assert counters.failed_promotes == 0
+        record = half.tiers["disk"].written
+        assert len(record) == DISK_BLOCKS, len(record)
+        # No refresh: what the record offers is exactly what the disk still holds.
+        keys = [half.block_keys(FakeRequest(f"q{i}", r.prompt + [7]), 1)[0] for i, r in enumerate(requests)]
+        on_disk = worker.tiers["disk"].contains(keys)
+        assert [k in record for k in keys] == on_disk, on_disk
+        # r0 was promoted after r1 to r4 were written: it outlived r1 and r2 on the disk.
+        assert on_disk[:3] == [True, False, False], on_disk
+    finally:
+        worker.shutdown()
+        index.close()  # type: ignore[attr-defined]
+
+
+def test_a_block_our_writes_evicted_since_the_last_refresh_is_not_offered(tmp_path: os.PathLike[str]) -> None:
+    """The index re-read the tier when it held a block; the worker's own write-backs then
+    evicted it (the disk is full and LRU). Until the next refresh the index still lists it:
+    the scheduler knows better from its record, and offers it no more."""
+    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "sync_load_max_bytes": 0,
+                                   "disk": {"path": str(tmp_path), "bytes": DISK_BLOCKS * GEOM.slot_bytes}})  # fmt: skip
+    index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
+    half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
+    worker = WorkerHalf(cfg, GEOM, namespace=b"n" * 16)
+    worker.register(make_layers())
+    try:
+        requests = [FakeRequest(f"r{i}", [1000 * i + t for t in range(BS)]) for i in range(DISK_BLOCKS + 2)]
+        for i, r in enumerate(requests):
+            half.on_alloc(r, [0], 0)
+            step(half, worker, [ScheduledRequest(r, 0, BS, [0])])
+            run_until_settled(half, worker)
+            half.on_finished(r)
+            if i == DISK_BLOCKS - 1:
+                index.refresh()  # type: ignore[attr-defined]  # the disk is full: r0 to r5
+        keys = [half.block_keys(FakeRequest(f"q{i}", r.prompt + [7]), 1)[0] for i, r in enumerate(requests)]
+        assert worker.tiers["disk"].contains(keys) == [False, False] + [True] * DISK_BLOCKS
+        assert index.contains(keys[:2]) == [True, True]  # type: ignore[attr-defined]  # not re-read yet
+        for i in (0, 1):  # evicted by r6 and r7: not offered (the pool, 4 slots, dropped them too)
+            assert half.match(FakeRequest(f"a{i}", requests[i].prompt + [7]), 0) == (0, False)
+        again = FakeRequest("a2", requests[2].prompt + [7])  # on the disk, listed since the refresh
+        assert half.match(again, 0) == (BS, True)
+        half.on_alloc(again, [1, 2], BS)
+        step(half, worker, [])
+        run_until_settled(half, worker)
+        counters = half.take_counters()
+        assert (counters.promoted_blocks, counters.failed_promotes) == (1, 0)
+        index.refresh()  # type: ignore[attr-defined]  # from now on the index says so itself
+        assert index.contains(keys[:2]) == [False, False]  # type: ignore[attr-defined]
+        assert half.match(FakeRequest("a0b", requests[0].prompt + [7]), 0) == (0, False)
+    finally:
+        worker.shutdown()
+        index.close()  # type: ignore[attr-defined]

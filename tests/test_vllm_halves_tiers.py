@@ -21,6 +21,7 @@ from halves_helpers import make_layers as _layers
 from halves_helpers import ok_report as _ok
 from halves_helpers import prefill as _prefill
 from halves_helpers import run_until_settled as _run_until_settled
+from halves_helpers import settle as _settle
 from halves_helpers import step as _step
 
 
@@ -72,6 +73,37 @@ def test_disk_tier_survives_a_restart_and_promotes_through_the_pool(tmp_path: "o
     # Promoted blocks are pool blocks now: the next hit comes from DRAM.
     assert half.match(FakeRequest("c", list(range(3 * BS)) + [9]), 0) == (3 * BS, True)
     assert half._matches["c"][1:] == (3, (0,), False)
+    worker.shutdown()
+    index.close()  # type: ignore[attr-defined]
+
+
+def test_a_stored_block_is_written_through_before_the_next_store_can_evict_it(tmp_path: "os.PathLike[str]") -> None:
+    """A store that settled is pinned for its write-back before the step's new stores take
+    pool room: otherwise a full pool evicts it first and it reaches no tier below (found by
+    counting skipped write-backs on the soak)."""
+    half, worker, index = _disk_halves(str(tmp_path))  # a pool of 4 blocks
+    layers = _layers()
+    worker.register(layers)
+    w = FakeRequest("w", [1] * 2 * BS)
+    half.on_alloc(w, [0, 1], 0)
+    _step(half, worker, [ScheduledRequest(w, 0, 2 * BS, [0, 1])])
+    _run_until_settled(half, worker)  # w's blocks: in the pool, written through
+    assert half.take_counters().written_back_blocks == 2
+    x = FakeRequest("x", [2] * 2 * BS)
+    half.on_alloc(x, [2, 3], 0)
+    plan = _step(half, worker, [ScheduledRequest(x, 0, 2 * BS, [2, 3])])
+    half.on_report(_settle(worker, len(plan.stores)))  # x's store settled: its write-back is due
+    # The next step brings a 4-block prompt: room for it means evicting 4 of the pool's blocks.
+    y = FakeRequest("y", [3] * 4 * BS)
+    half.on_alloc(y, [4, 5, 6, 7], 0)
+    plan = _step(half, worker, [ScheduledRequest(y, 0, 4 * BS, [4, 5, 6, 7])])
+    assert [len(j.keys) for j in plan.writebacks] == [2]  # x's blocks, pinned first
+    assert len(plan.stores[0].slots) == 2  # y's leading blocks take w's room, not x's
+    _run_until_settled(half, worker)
+    counters = half.take_counters()
+    assert counters.writebacks_skipped == 0 and counters.written_back_blocks == 2 + 2, counters  # x's, y's two
+    assert all(k in half.tiers["disk"].written for k in half.block_keys(x))
+    assert counters.stores_skipped == 2  # y's last two blocks found no room, and are counted
     worker.shutdown()
     index.close()  # type: ignore[attr-defined]
 

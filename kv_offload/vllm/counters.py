@@ -42,6 +42,8 @@ class OffloadCounters:
     #: blocks written through to a lower tier; write-backs that failed (blocks skipped)
     written_back_blocks: int = 0
     failed_writebacks: int = 0
+    #: blocks whose write-through never started: the pool evicted them first
+    writebacks_skipped: int = 0
     #: bytes read from the disk / remote tier into the pool, and written to it
     disk_read_bytes: int = 0
     disk_written_bytes: int = 0

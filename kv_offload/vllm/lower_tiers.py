@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kv_offload.manager import OffloadManager
+
 __all__ = ["REMOTE_RETRY_S", "TIER_ORDER", "LowerTier", "TierIndex"]
 
 #: the lower tiers, top to bottom: a block is looked up in this order below the pool
@@ -41,6 +43,11 @@ class LowerTier:
     #: the tier (the disk's: ``refreshed_at``) has done so since, the index decides: the tier
     #: may have evicted them (found by the soak: a disk smaller than this record).
     written: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    #: the other side of ``written``: blocks it dropped because the tier, full, evicted them
+    #: since (see :meth:`wrote`) -> when. Until the index re-reads the tier after that, they
+    #: are not offered even if the index still lists them (the soak's 128-block disk: a
+    #: promotion of a block evicted since the last 2 s refresh failed, and recomputed).
+    gone: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
     #: blocks whose promotion failed -> when: not offered from this tier again by this
     #: scheduler (a corrupt block in a live process's disk segment stays listed; offering it
     #: again would make the request that recomputes retry the same failing promotion forever)
@@ -60,11 +67,43 @@ class LowerTier:
 
     def ours(self, key: bytes) -> bool:
         """``key`` was written by our workers after the index last looked at the tier."""
-        when = self.written.get(key)
+        return self._since_seen(self.written.get(key))
+
+    def evicted(self, key: bytes) -> bool:
+        """Our workers' writes evicted ``key`` after the index last looked at the tier."""
+        return self._since_seen(self.gone.get(key))
+
+    def _since_seen(self, when: float | None) -> bool:
         if when is None:
             return False
         seen = getattr(self.index, "refreshed_at", None)
         return seen is None or when > seen
+
+    def wrote(self, keys: Sequence[bytes], now: float, bound: int) -> None:
+        """Our workers wrote ``keys`` there (settled at ``now``). The record keeps the order
+        in which the worker's LRU tier evicts its own blocks (least recently written or
+        promoted first, see :meth:`read`) and, where the index knows the tier's
+        ``capacity_blocks``, no more blocks than that: a block written before the last that
+        many is one the full tier evicted (``gone``). Without a capacity: ``bound`` blocks."""
+        for key in keys:
+            self.written[key] = now
+            self.written.move_to_end(key)
+            self.gone.pop(key, None)
+            self.failed.pop(key, None)  # written anew from a good pool copy
+        capacity = getattr(self.index, "capacity_blocks", None)
+        while len(self.written) > (capacity or bound):
+            key, _ = self.written.popitem(last=False)
+            if capacity:
+                self.gone[key] = now
+                self.gone.move_to_end(key)
+        while len(self.gone) > bound:
+            self.gone.popitem(last=False)
+
+    def read(self, keys: Sequence[bytes]) -> None:
+        """``keys`` were promoted from the tier: the most recently used there now."""
+        for key in keys:
+            if key in self.written:
+                self.written.move_to_end(key)
 
     def refuses(self, key: bytes) -> bool:
         when = self.failed.get(key)
@@ -74,5 +113,16 @@ class LowerTier:
             del self.failed[key]
             return False
         return True
-    #: keys whose store completed, to write through next step
-    queue: list[bytes] = field(default_factory=list)
+    #: blocks whose store or promotion settled -> their pool slot, pinned there until their
+    #: write-through (planned next step) settles
+    queue: dict[bytes, int] = field(default_factory=dict)
+
+    def enqueue(self, keys: Sequence[bytes], pool: OffloadManager) -> int:
+        """Pin the pool blocks ``keys`` for their write-through now, as their store settles:
+        nothing evicts them before it starts (a step's stores and promotions take pool room
+        before its write-backs are planned). Blocks the tier holds already are left out;
+        returns how many were gone from the pool already (not written through)."""
+        due = [k for k in dict.fromkeys(keys) if k not in self.written and k not in self.queue]
+        ready = pool.pinnable(due)
+        self.queue.update(zip(ready, pool.pin(ready)))
+        return len(due) - len(ready)

@@ -212,7 +212,7 @@ class SchedulerHalf:
         if held is None:
             return None
         for key, there in zip(keys[n:], held):
-            if not (there or tier.ours(key)) or tier.refuses(key):
+            if not (there or tier.ours(key)) or tier.refuses(key) or tier.evicted(key):
                 break
             n += 1
         return n
@@ -288,8 +288,10 @@ class SchedulerHalf:
             self._step_promotes.append(JobSpec(job_id, device_blocks[n:], (), req_id, tier=tier))
 
     def _held_slots(self) -> int:
-        """Pool slots jobs in flight (and timed-out ones) hold: protected, reserved or pinned."""
-        return sum(len(job.keys) for job in self._jobs.values()) + self.num_quarantined_slots
+        """Pool slots jobs in flight (and timed-out ones) hold: protected, reserved or pinned;
+        and those pinned for a write-back the next step plans."""
+        queued = sum(len(tier.queue) for tier in self.tiers.values())
+        return sum(len(job.keys) for job in self._jobs.values()) + self.num_quarantined_slots + queued
 
     def _new_job(self, kind: _Kind, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], tier: str = "") -> int:
         job_id = self._last_job_id = next(self._job_ids)
@@ -335,17 +337,16 @@ class SchedulerHalf:
         )  # fmt: skip
 
     def _plan_writebacks(self) -> tuple[JobSpec, ...]:
-        """Write completed stores through to each lower tier: their pool slots are pinned
-        (not evicted nor reused) until the write-back settles."""
+        """Write settled stores through to each lower tier: their pool slots stay pinned (not
+        evicted nor reused) from the store's settling (:meth:`LowerTier.enqueue`) until the
+        write-back settles."""
         jobs = []
         for tier in self.tiers.values():
-            queued, tier.queue = tier.queue, []
-            keys = tuple(k for k in self.manager.pinnable(dict.fromkeys(queued)) if k not in tier.written)
-            if not keys:
+            if not tier.queue:
                 continue
-            slots = self.manager.pin(keys)
-            job_id = self._new_job(_Kind.WRITEBACK, keys, (), tier.name)
-            jobs.append(JobSpec(job_id, (), tuple(slots), None, keys, tier=tier.name))
+            queued, tier.queue = tier.queue, {}
+            job_id = self._new_job(_Kind.WRITEBACK, tuple(queued), (), tier.name)
+            jobs.append(JobSpec(job_id, (), tuple(queued.values()), None, tuple(queued), tier=tier.name))
         return tuple(jobs)
 
     def _plan_store(self, s: ScheduledRequest) -> JobSpec | None:
@@ -481,6 +482,7 @@ class SchedulerHalf:
                 counters.promoted_blocks += len(job.keys)
                 if tier.imported:
                     counters.imported_blocks += len(job.keys)
+                tier.read(job.keys)
                 if tier.medium == "disk":
                     counters.disk_read_bytes += nbytes
                 else:
@@ -491,7 +493,7 @@ class SchedulerHalf:
                     if upper is tier:
                         break
                     if upper.write:
-                        upper.queue.extend(job.keys)
+                        counters.writebacks_skipped += upper.enqueue(job.keys, self.manager)
             else:
                 counters.failed_loads += 1
                 counters.failed_promotes += 1
@@ -516,12 +518,7 @@ class SchedulerHalf:
                     counters.disk_written_bytes += nbytes
                 else:
                     counters.remote_written_bytes += nbytes
-                now = time.monotonic()
-                for key in job.keys:
-                    tier.written[key] = now
-                    tier.written.move_to_end(key)
-                    tier.failed.pop(key, None)  # written anew from a good pool copy
-                self._bound(tier.written)
+                tier.wrote(job.keys, time.monotonic(), self._limit)
             else:
                 counters.failed_writebacks += 1
                 if tier.medium == "remote":
@@ -533,13 +530,18 @@ class SchedulerHalf:
                 counters.stored_blocks += len(job.keys)
                 for tier in self.tiers.values():
                     if tier.write:
-                        tier.queue.extend(job.keys)
+                        counters.writebacks_skipped += tier.enqueue(job.keys, self.manager)
             else:
                 counters.failed_stores += 1
             self._lift_fences(job_id, job)
 
+    @property
+    def _limit(self) -> int:
+        """How many keys a tier's records keep at most."""
+        return max(1024, 4 * self.manager.num_slots)
+
     def _bound(self, keys: OrderedDict[bytes, Any]) -> None:
-        while len(keys) > max(1024, 4 * self.manager.num_slots):
+        while len(keys) > self._limit:
             keys.popitem(last=False)
 
     # -- maintenance ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ and feeds :class:`KVOffloadPromMetrics`, which exports (names as they appear on 
 ``kv_offload:imported_blocks_total``        blocks imported (converted into this engine's pages)
 ``kv_offload:failed_imports_total``         imports that failed (the request recomputed)
 ``kv_offload:failed_writebacks_total``      write-backs that failed (the blocks stay DRAM-only)
+``kv_offload:writebacks_skipped_total``     blocks not written through: the pool evicted them first
 ``kv_offload:transfer_throughput_gbps``     histogram of per-job GB/s, label ``direction``: load,
                                             store, promote (disk -> pool -> KV cache), writeback
 ``kv_offload:timed_out_jobs_total``         jobs failed at their deadline, label ``direction``
@@ -73,6 +74,9 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "failed_promotes": ("kv_offload:failed_promotes", "Promotions from a lower tier that failed (recomputed)."),
     "written_back_blocks": ("kv_offload:written_back_blocks", "KV blocks written through to a lower tier."),
     "failed_writebacks": ("kv_offload:failed_writebacks", "Write-backs to a lower tier that failed."),
+    "writebacks_skipped": (
+        "kv_offload:writebacks_skipped", "KV blocks not written through to a lower tier: evicted from the pool first.",
+    ),
     "import_hit_tokens": (
         "kv_offload:import_hit_tokens", "Prompt tokens served from another engine's blocks, converted on load.",
     ),

@@ -66,6 +66,8 @@ MiB = 1 << 20
 BLOCK_TOKENS = 128  # vLLM's block size for this model on CPU
 #: the in-flight gauges that must read 0 once the load stopped
 LEAK_GAUGES = ("pool_reading_blocks", "pool_writing_blocks", "pending_jobs", "quarantined_slots")
+#: the ``direction`` labels of ``kv_offload:timed_out_jobs_total``
+TIMED_OUT_DIRECTIONS = ("load", "store", "promote", "writeback")
 
 
 class Sampler(threading.Thread):
@@ -108,28 +110,58 @@ def growth(samples: list[dict[str, float]], key: str, warmup_s: float, window_s:
             "growth": (e / b - 1) if b else float("nan")}  # fmt: skip
 
 
-def leak_gauges(port: int, model: str) -> dict[str, Any]:
+def leak_gauges(server: Server, settle_s: float = 90.0) -> dict[str, Any]:
     """After the load: small requests flush the last steps' stats, then the gauges.
 
     An idle engine does not step, so jobs that ended after the last request are reported,
     and the gauges updated, only by the steps of a later one; each step's gauges are taken
-    before that step's reports are applied. Flushes every 2 s for up to 30 s, until every gauge
-    reads 0 (jobs still really in flight, e.g. a slow write-back, settle over them; a leak
-    never does: the scheduler's backstop alone would take 2 x job_timeout_s + 5 s = 125 s).
+    before that step's reports are applied. Flushes every 2 s until every gauge reads 0, for
+    up to ``settle_s``: past the workers' deadline (``job_timeout_s``, 60 s: a job still in
+    flight then is failed and reported, ``timed_out_jobs_total``), before the scheduler's
+    backstop (2 x 60 + 5 s = 125 s, for a job no worker ever reports). So a gauge still
+    above 0 at the end is a leak; a slow job settles within the window, and how long it
+    took, the gauges at 30 s, the jobs timed out meanwhile and kv-offload's log lines of the
+    window are reported with it (a CI run once read ``pending_jobs`` 2 after 30 s).
     """
     from serving_workload import Request
 
+    def timed_out(m: dict[str, float]) -> dict[str, float]:
+        return {d: m.get(f"kv_offload:timed_out_jobs_total{{direction={d}}}", 0.0) for d in TIMED_OUT_DIRECTIONS}
+
+    def gauges(m: dict[str, float]) -> dict[str, float | None]:
+        return {g: m.get(f"kv_offload:{g}") for g in LEAK_GAUGES}
+
+    log_from = server.log_path.stat().st_size if server.log_path.exists() else 0
+    t0 = time.perf_counter()
+    before = timed_out(scrape_metrics(server.port))
+    at_30: dict[str, float | None] | None = None
     time.sleep(2.0)
-    for i in range(15):
-        plain_completion(port, model, Request("flush", -1, 0, "flush", None, [6 + i] * 8, 1, 0.0), time.perf_counter())
+    flushes = 0
+    while True:
+        flush = Request("flush", -1, 0, "flush", None, [6 + flushes % 64] * 8, 1, 0.0)
+        plain_completion(server.port, server.model, flush, time.perf_counter())
+        flushes += 1
         time.sleep(2.0)
-        m = scrape_metrics(port)
-        if not any(m.get(f"kv_offload:{g}") for g in LEAK_GAUGES):
+        m = scrape_metrics(server.port)
+        waited = time.perf_counter() - t0
+        settled = not any(m.get(f"kv_offload:{g}") for g in LEAK_GAUGES)
+        if at_30 is None and (settled or waited >= 30.0):
+            at_30 = gauges(m)
+        if settled or waited >= settle_s:
             break
-    out: dict[str, Any] = {g: m.get(f"kv_offload:{g}") for g in LEAK_GAUGES}
-    out["flushes"] = i + 1
+    out: dict[str, Any] = gauges(m)
+    out["flushes"] = flushes
+    out["settled_after_s"] = round(waited, 1) if settled else None
+    out["gauges_at_30s"] = at_30
+    after = timed_out(m)
+    out["timed_out_jobs"] = {d: after[d] - before[d] for d in TIMED_OUT_DIRECTIONS if after[d] - before[d]}
     out["missing"] = [g for g in LEAK_GAUGES if out[g] is None]
     out["pool_used_blocks"] = m.get("kv_offload:pool_used_blocks")
+    if not settled or waited > 30.0:  # what kv-offload said while its jobs were late
+        with server.log_path.open("rb") as f:
+            f.seek(log_from)
+            text = f.read().decode(errors="replace")
+        out["log"] = [ln[-300:] for ln in text.splitlines() if "kv_offload" in ln and ("WARNING" in ln or "ERROR" in ln)][-20:]
     return out
 
 
@@ -258,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "vllm_state": states[-1].split("Engine 000: ")[-1] if states else None}  # fmt: skip
             print(f"[soak] the engine stalled: {report['stall']}", flush=True)
             args.fault, args.isolation = [f for f in args.fault if f != "kill-server"], False
-        leaks = leak_gauges(server.port, server.model) if not stalled and not args.alone else {g: None for g in LEAK_GAUGES}
+        leaks = leak_gauges(server) if not stalled and not args.alone else {g: None for g in LEAK_GAUGES}
         delta = metrics_delta(before, scrape_metrics(server.port))
         report["soak"] = summarize(sent, delta, wall, block_bytes)
         report["soak"]["leaks"] = leaks
@@ -300,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server, report["kill_server"], fault_sent = kill_server_phase(
                 server, stack.start, spec, prompts, stack.disk, args.kill_before_s, args.kill_after_s)  # fmt: skip
             sent += fault_sent
-            report["kill_server"]["leaks"] = leak_gauges(server.port, server.model)
+            report["kill_server"]["leaks"] = leak_gauges(server)
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30).read().decode()
         final_shm = tree_shm(server.pids()) | sampler.shm
         server.stop()
@@ -341,8 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["leftovers"]["temp_files_vllm_alone_too"] = [f for f in report["leftovers"]["temp_files"] if _kind(f) in alone]
     report["leftovers"]["temp_files"] = [f for f in report["leftovers"]["temp_files"] if _kind(f) not in alone]
     phases: dict[str, list[Sent]] = {}
-    for s in sent:
-        phases.setdefault(s.phase, []).append(s)
+    for item in sent:
+        phases.setdefault(item.phase, []).append(item)
     report["checks"] = {phase: check(items, reference) for phase, items in phases.items()}
     report["checks"]["all"] = check(sent, reference)
     report["password_in_logs"] += [p.name for p in [out / "reference.log"] if stack.password in p.read_text(errors="replace")]
@@ -402,6 +434,15 @@ def failures(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _leaks_line(leaks: dict[str, Any]) -> str:
+    gauges = ", ".join(f"{g}={leaks[g]}" for g in LEAK_GAUGES)
+    if "settled_after_s" not in leaks:  # --alone: not measured
+        return gauges
+    when = f"settled after {leaks['settled_after_s']} s" if leaks["settled_after_s"] is not None else "NOT settled"
+    late = f"; timed out meanwhile: {leaks['timed_out_jobs']}" if leaks["timed_out_jobs"] else ""
+    return f"{gauges} ({when}, {leaks['flushes']} flushes{late})"
+
+
 def table(r: dict[str, Any]) -> str:
     s, c = r["soak"], r["checks"]["all"]
     h = s["hit_rate"]
@@ -419,7 +460,7 @@ def table(r: dict[str, Any]) -> str:
         *(f"{'  ' + name:<44} {g['after_warmup']:.0f} -> {g['end']:.0f} MiB ({g['growth']:+.1%})"
           for name, g in s.get("rss_by_process", {}).items()),
         f"{'open fds after warm-up -> end (growth)':<44} {s['fds']['after_warmup']:.0f} -> {s['fds']['end']:.0f} ({s['fds']['growth']:+.1%})",
-        f"{'in-flight gauges after the load':<44} " + ", ".join(f"{g}={s['leaks'][g]}" for g in LEAK_GAUGES),
+        f"{'in-flight gauges after the load':<44} " + _leaks_line(s["leaks"]),
         f"{'shm segments / temp files left after stop':<44} {len(r['leftovers']['shm_segments_after_stop'])} / {len(r['leftovers']['temp_files'])}",
         f"{'Redis password in logs / metrics':<44} {r['password_in_logs'] or 'no'} / {'yes' if r['password_in_metrics'] else 'no'}",
     ]  # fmt: skip
@@ -436,6 +477,7 @@ def table(r: dict[str, Any]) -> str:
                      f"{k['failed_in_kill_window']} / {k['errors_outside_kill_window']}")  # fmt: skip
         lines.append(f"{'  after restart: disk / remote hit tokens':<44} {n['disk_hit_tokens']:.0f} / {n['remote_hit_tokens']:.0f}; "
                      f"corrupt disk {n['tier_corrupt_blocks_total{tier=disk}']:.0f}, disk verify: {k['disk_verify_after_kill'].get('line')}")  # fmt: skip
+        lines.append(f"{'  in-flight gauges after it':<44} " + _leaks_line(k["leaks"]))
     if (i := r.get("isolation")) is not None:
         t = i["timing"]
         lines.append(f"{'isolation: B hit nothing / A hit in each place':<44} {i['isolated_everywhere']} / {i['a_hit_in_every_place']}")

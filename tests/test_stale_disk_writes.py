@@ -11,6 +11,7 @@ recompute instead of hitting Redis, which held the blocks. Real files, real copi
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from halves_helpers import BS, GEOM, FakeRequest, make_layers, run_until_settled, step
 
@@ -23,13 +24,27 @@ from kv_offload.vllm.worker import WorkerHalf, open_disk_tier
 DISK_BLOCKS = 6
 
 
-def test_an_evicted_disk_block_is_not_offered_from_disk(tmp_path: os.PathLike[str]) -> None:
+def _full_disk_halves(tmp_path: os.PathLike[str]) -> tuple[Any, SchedulerHalf, WorkerHalf]:
+    """A 4-slot pool over a DISK_BLOCKS-block disk tier (the scheduler's index and a worker)."""
     cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "sync_load_max_bytes": 0,
                                    "disk": {"path": str(tmp_path), "bytes": DISK_BLOCKS * GEOM.slot_bytes}})  # fmt: skip
     index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
     half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
     worker = WorkerHalf(cfg, GEOM, namespace=b"n" * 16)
     worker.register(make_layers())
+    return index, half, worker
+
+
+def _store_one(half: SchedulerHalf, worker: WorkerHalf, r: FakeRequest) -> None:
+    """``r``'s one block stored into the pool and written through to the disk."""
+    half.on_alloc(r, [0], 0)
+    step(half, worker, [ScheduledRequest(r, 0, BS, [0])])
+    run_until_settled(half, worker)
+    half.on_finished(r)
+
+
+def test_an_evicted_disk_block_is_not_offered_from_disk(tmp_path: os.PathLike[str]) -> None:
+    index, half, worker = _full_disk_halves(tmp_path)
     try:
         # Three times more distinct blocks than the disk holds, each request stored and
         # written through to disk before the next.
@@ -75,19 +90,11 @@ def test_before_any_refresh_the_record_keeps_no_more_blocks_than_the_disk_holds(
     disk's own LRU order (written or promoted last = evicted last) and at most the disk's
     capacity: the blocks written before the last DISK_BLOCKS are gone from the disk, and
     offering them made the promotion fail and the request recompute."""
-    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "sync_load_max_bytes": 0,
-                                   "disk": {"path": str(tmp_path), "bytes": DISK_BLOCKS * GEOM.slot_bytes}})  # fmt: skip
-    index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
-    half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
-    worker = WorkerHalf(cfg, GEOM, namespace=b"n" * 16)
-    worker.register(make_layers())
+    index, half, worker = _full_disk_halves(tmp_path)
     try:
         requests = [FakeRequest(f"r{i}", [1000 * i + t for t in range(BS)]) for i in range(DISK_BLOCKS + 2)]
         for r in requests:
-            half.on_alloc(r, [0], 0)
-            step(half, worker, [ScheduledRequest(r, 0, BS, [0])])
-            run_until_settled(half, worker)
-            half.on_finished(r)
+            _store_one(half, worker, r)
             if r is requests[4]:  # the pool (4 slots) dropped r0; promoting it touches it on disk
                 again = FakeRequest("touch", requests[0].prompt + [7])
                 assert half.match(again, 0)[0] == BS
@@ -115,19 +122,11 @@ def test_a_block_our_writes_evicted_since_the_last_refresh_is_not_offered(tmp_pa
     """The index re-read the tier when it held a block; the worker's own write-backs then
     evicted it (the disk is full and LRU). Until the next refresh the index still lists it:
     the scheduler knows better from its record, and offers it no more."""
-    cfg = OffloadConfig.from_dict({"cpu_bytes": 4 * GEOM.slot_bytes, "sync_load_max_bytes": 0,
-                                   "disk": {"path": str(tmp_path), "bytes": DISK_BLOCKS * GEOM.slot_bytes}})  # fmt: skip
-    index = open_disk_tier(cfg.disk, GEOM.slot_bytes, b"n" * 16)  # type: ignore[arg-type]
-    half = SchedulerHalf(cfg, OffloadManager(4, LRUPolicy(4)), block_size=BS, namespace=b"k" * 16, disk=index)
-    worker = WorkerHalf(cfg, GEOM, namespace=b"n" * 16)
-    worker.register(make_layers())
+    index, half, worker = _full_disk_halves(tmp_path)
     try:
         requests = [FakeRequest(f"r{i}", [1000 * i + t for t in range(BS)]) for i in range(DISK_BLOCKS + 2)]
         for i, r in enumerate(requests):
-            half.on_alloc(r, [0], 0)
-            step(half, worker, [ScheduledRequest(r, 0, BS, [0])])
-            run_until_settled(half, worker)
-            half.on_finished(r)
+            _store_one(half, worker, r)
             if i == DISK_BLOCKS - 1:
                 index.refresh()  # type: ignore[attr-defined]  # the disk is full: r0 to r5
         keys = [half.block_keys(FakeRequest(f"q{i}", r.prompt + [7]), 1)[0] for i, r in enumerate(requests)]

@@ -238,6 +238,23 @@ def test_the_soak_gauges_are_exported_under_their_names() -> None:
     assert not half.take_counters().any()  # nothing moved since
 
 
+
+def test_a_step_whose_only_news_is_a_gauge_reaches_the_metrics() -> None:
+    """vLLM drops a scheduler-side stats object whose ``is_empty()`` is true, and the
+    scheduler half sends a gauge's new value once. A step that moves gauges and no counter
+    (here: a store planned; in a CI soak: write-backs found done already, ``pending_jobs``
+    2 -> 0) must not call itself empty, or the gauge keeps its old value for good."""
+    half = _half()
+    plan = _prefill(half, FakeRequest("a", list(range(2 * BS))), [1, 2])
+    counters = half.take_counters()
+    moved = {k: v for k, v in counters.as_dict().items() if v and k not in GAUGES}
+    assert counters.any() and moved == {}, moved  # only the in-flight gauges moved
+    assert (counters.pending_jobs, counters.pool_writing_blocks) == (1, 2)
+    assert not KVOffloadStats(data=counters.as_dict()).is_empty()
+    half.on_report(_ok(plan))
+    assert not KVOffloadStats(data=half.take_counters().as_dict()).is_empty()
+    assert not half.take_counters().any()  # nothing moved: the connector sends no stats
+
 # -- tiers: a blocked read keeps its slots; exceptions in the tier thread ---------------------------
 def _disk_halves(path: str, **cfg: object) -> tuple[SchedulerHalf, WorkerHalf, object, list[torch.Tensor]]:
     # 4 MiB of disk: one segment, which fits the 12 MiB file system once the ballast is gone

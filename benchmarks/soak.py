@@ -113,15 +113,15 @@ def growth(samples: list[dict[str, float]], key: str, warmup_s: float, window_s:
 def leak_gauges(server: Server, settle_s: float = 90.0) -> dict[str, Any]:
     """After the load: small requests flush the last steps' stats, then the gauges.
 
-    An idle engine does not step, so jobs that ended after the last request are reported,
-    and the gauges updated, only by the steps of a later one; each step's gauges are taken
-    before that step's reports are applied. Flushes every 2 s until every gauge reads 0, for
-    up to ``settle_s``: past the workers' deadline (``job_timeout_s``, 60 s: a job still in
+    vLLM keeps an engine without requests stepping while jobs are pending (the connector's
+    ``has_pending_push_work``), and each step's gauges are taken after its reports are
+    applied; the flushes add steps of a real request on top. Flushes every 2 s until every
+    gauge reads 0, for up to ``settle_s``: past the workers' deadline (``job_timeout_s``, 60 s: a job still in
     flight then is failed and reported, ``timed_out_jobs_total``), before the scheduler's
     backstop (2 x 60 + 5 s = 125 s, for a job no worker ever reports). So a gauge still
     above 0 at the end is a leak; a slow job settles within the window, and how long it
     took, the gauges at 30 s, the jobs timed out meanwhile and kv-offload's log lines of the
-    window are reported with it (a CI run once read ``pending_jobs`` 2 after 30 s).
+    window are reported with it.
     """
     from serving_workload import Request
 

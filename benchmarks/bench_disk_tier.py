@@ -22,6 +22,14 @@ turn: one
 ``copy_`` of each layer's page into the KV cache. Reported per block, in microseconds; the
 ratio is the median of each round's tier / plain.
 
+A promotion behind write-backs (256 KiB blocks): ``--backlog`` write-back jobs of 24 blocks
+(the soak's pool) are queued on the tier's I/O thread, then, 2 ms later (the first of them
+running), a one-block promotion read; the
+read's latency is reported against the same read on an idle tier and against the time the
+backlog takes to drain, which is what a read queued behind it in submission order would wait
+(reads now go ahead of queued writes: :mod:`kv_offload.transfer.tier_io`). Medians of
+``--promote-rounds`` rounds, the page cache dropped before each.
+
     python benchmarks/bench_disk_tier.py --json [--out FILE] [--dir DIR] [--mib 256]
 """
 
@@ -239,6 +247,75 @@ def bench_promote(d: str, bs: int, rounds: int, threads: int) -> dict[str, float
     return out
 
 
+def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, job_blocks: int = 24) -> dict[str, float]:
+    """A one-block promotion read queued after ``backlog`` write-back jobs (see the module
+    docstring): its latency, the same read on an idle tier, and the backlog's drain time."""
+    bs = 256 << 10
+    slots = backlog * job_blocks + 1
+    pool_buf = AlignedBuffer(slots * bs)
+    pool_buf.map.write(os.urandom(slots * bs))
+    pool = torch.frombuffer(pool_buf.map, dtype=torch.uint8, count=slots * bs).view(slots, bs)
+    path = os.path.join(d, "behind")
+    tier = DiskTier(path, 4 * slots * bs, NS, bs, threads=threads)
+    wanted = NS + b"wanted".ljust(16, b"-")
+    assert tier.write([(wanted, pool_buf.view[:bs])]) == [True]
+    tio = TierIO(tier, pool)
+    jid = 0
+    idle_ms: list[float] = []
+    behind_ms: list[float] = []
+    drain_ms: list[float] = []
+
+    def read_ms(extra_writes: int) -> tuple[float, float]:
+        """Submit ``extra_writes`` write jobs then the read; ms until the read, and until all, ended."""
+        nonlocal jid
+        _drop(path)
+        pool[slots - 1].zero_()
+        t0 = time.perf_counter()
+        for w in range(extra_writes):
+            jid += 1
+            first = w * job_blocks
+            keys = [NS + b"w" + (jid * 1000 + i).to_bytes(15, "little") for i in range(job_blocks)]
+            tio.write(jid, keys, list(range(first, first + job_blocks)))
+        if extra_writes:
+            time.sleep(0.002)  # the read arrives while the first write-back runs
+        jid += 1
+        read_id = jid
+        tio.read(read_id, [wanted], [slots - 1])
+        read_at: float | None = None
+        left = extra_writes + 1
+        while left:
+            for res in tio.poll():
+                assert res.success, res
+                left -= 1
+                if res.job_id == read_id:
+                    read_at = time.perf_counter()
+            time.sleep(0.0002)
+        assert read_at is not None
+        return (read_at - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+    try:
+        for r in range(rounds + 1):  # round 0 warms up and is dropped
+            idle, _ = read_ms(0)
+            behind, drained = read_ms(backlog)
+            if r:
+                idle_ms.append(idle)
+                behind_ms.append(behind)
+                drain_ms.append(drained)
+            assert torch.equal(pool[slots - 1], pool[0])  # the block read is the one stored (slot 0's bytes)
+    finally:
+        tio.shutdown()
+        tier.close()
+        pool_buf.close()  # left to the garbage collector while the pool's views live
+        shutil.rmtree(path, ignore_errors=True)
+    return {
+        "backlog_jobs": backlog, "job_blocks": job_blocks, "block_kib": bs >> 10,
+        "read_idle_ms": statistics.median(idle_ms), "read_behind_ms": statistics.median(behind_ms),
+        "backlog_drain_ms": statistics.median(drain_ms),
+        "behind_over_idle": statistics.median(b / i for b, i in zip(behind_ms, idle_ms)),
+        "behind_over_drain": statistics.median(b / w for b, w in zip(behind_ms, drain_ms)),
+    }  # fmt: skip
+
+
 def bench_index(d: str, blocks: int) -> dict[str, float]:
     bs = 4096
     path = os.path.join(d, "index")
@@ -266,12 +343,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per block size; the medians are reported")
     ap.add_argument("--promote-rounds", type=int, default=15, help="promotions of each size per block size")
     ap.add_argument("--index-blocks", type=int, default=100_000, help="blocks for the restart index time")
+    ap.add_argument("--backlog", type=int, default=4, help="write-back jobs queued ahead of a promotion read")
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="kvo-bench-", dir=args.dir)
     os.chmod(d, 0o700)
     try:
         rows = [bench_repeated(d, bs, args.mib << 20, args.threads, args.repeat) for bs in SIZES]
         promote = [bench_promote(d, bs, args.promote_rounds, args.threads) for bs in SIZES]
+        behind = bench_read_behind_writes(d, args.promote_rounds, args.threads, args.backlog)
         index = bench_index(d, args.index_blocks)
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -287,11 +366,14 @@ def main() -> None:
         cells = [f"{p[f'promote{c}_us_per_block']:9.0f} {p[f'plain{c}_us_per_block']:9.0f} {p[f'promote{c}_ratio']:6.2f}"
                  for c in PROMOTE_SIZES]  # fmt: skip
         print(f"{p['block_kib']:>6}Ki " + " ".join(cells))
+    print(f"promotion read behind {behind['backlog_jobs']} write-backs of {behind['job_blocks']} x {behind['block_kib']} KiB: "
+          f"{behind['read_behind_ms']:.1f} ms (idle tier {behind['read_idle_ms']:.1f} ms, x{behind['behind_over_idle']:.2f}; "
+          f"the backlog drains in {behind['backlog_drain_ms']:.1f} ms, x{behind['behind_over_drain']:.2f})")  # fmt: skip
     print(f"restart index: {index['blocks']} blocks in {index['seconds']:.3f} s ({index['seconds_per_1e5']:.3f} s per 10^5)")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "mib_per_size": args.mib, "repeat": args.repeat, "threads": args.threads, "batch": BATCH, "sizes": rows, "index": index,
-        "promote_rounds": args.promote_rounds, "promote": promote,
+        "promote_rounds": args.promote_rounds, "promote": promote, "read_behind_writes": behind,
     }  # fmt: skip
     text = json.dumps(result, indent=2)
     if args.json:

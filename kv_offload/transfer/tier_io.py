@@ -3,9 +3,16 @@
 
 The transfer path (pool <-> tier) next to the engines' (KV cache <-> pool): a job reads
 blocks from a :class:`~kv_offload.tiers.BlockTier` into pool slots (a promotion's first
-leg) or writes pool slots to the tier (a write-back). Jobs run in submission order on one
-background thread (the tier batches and parallelises each job's I/O itself), so ``read`` and
-``write`` return at once and ``poll`` hands back what finished, never blocking.
+leg) or writes pool slots to the tier (a write-back). Jobs run on one background thread (the
+tier batches and parallelises each job's I/O itself), so ``read`` and ``write`` return at
+once and ``poll`` hands back what finished, never blocking.
+
+Reads go ahead of queued writes: a promotion holds up a request's first token, a write-back
+holds up nobody (its blocks stay in the pool meanwhile). Each kind runs in submission order,
+and a waiting write runs after at most :data:`READ_BURST` reads in a row, so write-backs, and
+the pool slots they pin, are never starved. The reordering is safe because the scheduler never
+has a read and a write of one block in flight: a block being written back is pinned in the
+pool, so a request gets it from there, not from the tier.
 
 The caller guarantees the slots are not reused while a job runs (the scheduler reserves a
 promotion's slots and pins a write-back's).
@@ -15,9 +22,9 @@ from __future__ import annotations
 
 import enum
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +32,7 @@ import torch
 
 from kv_offload.tiers.base import BlockTier
 
-__all__ = ["TierIO", "TierOp", "TierResult"]
+__all__ = ["READ_BURST", "TierIO", "TierOp", "TierResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,8 @@ class TierResult:
 
 
 _Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], float]
+#: reads run ahead of a waiting write at most this many times in a row
+READ_BURST = 8
 #: A test hook run on the tier thread before each job (it may sleep or raise: see
 #: :mod:`kv_offload.testing.faults`); never set outside tests.
 TierFaultHook = Callable[[int, TierOp], None]
@@ -67,7 +76,11 @@ class TierIO:
         tier.register_memory(memoryview(self._slots.reshape(-1).data))
         # Only a tier that can learn of other processes' blocks is worth a second look.
         self._refreshes = type(tier).refresh is not BlockTier.refresh
-        self._jobs: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        #: jobs not started, by kind (see the module doc for the order they run in)
+        self._reads: deque[_Item] = deque()
+        self._writes: deque[_Item] = deque()
+        self._reads_in_a_row = 0
+        self._stopping = False
         self._done: list[TierResult] = []
         self._pending = 0
         #: jobs cancelled before they started (they never touch the pool) and the job running now
@@ -93,10 +106,12 @@ class TierIO:
         bad = [s for s in slots if not 0 <= int(s) < n]
         if bad:
             raise ValueError(f"tier job {job_id}: slot {bad[0]} out of range [0, {n})")
+        item = (job_id, op, tuple(keys), tuple(int(s) for s in slots), time.perf_counter())
         with self._cond:
             self._pending += 1
             self._queued.add(job_id)
-        self._jobs.put((job_id, op, tuple(keys), tuple(int(s) for s in slots), time.perf_counter()))
+            (self._reads if op is TierOp.READ else self._writes).append(item)
+            self._cond.notify_all()
 
     def cancel(self, job_ids: Collection[int]) -> set[int]:
         """Cancel jobs that have not started: the ids returned never touch the pool nor the
@@ -107,8 +122,18 @@ class TierIO:
             self._cancelled |= out
         return out
 
+    def _next(self) -> _Item | None:
+        """The next job to run (waits for one); ``None`` once stopping and none is left."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._reads or self._writes or self._stopping)
+            if self._reads and not (self._writes and self._reads_in_a_row >= READ_BURST):
+                self._reads_in_a_row = self._reads_in_a_row + 1 if self._writes else 0  # ahead of a write
+                return self._reads.popleft()
+            self._reads_in_a_row = 0
+            return self._writes.popleft() if self._writes else None
+
     def _run(self) -> None:
-        while (item := self._jobs.get()) is not None:
+        while (item := self._next()) is not None:
             job_id, op, keys, slots, submitted = item
             success, error = self._run_one(job_id, op, keys, slots)
             nbytes = len(keys) * self.tier.block_bytes if success else 0
@@ -164,5 +189,7 @@ class TierIO:
 
     def shutdown(self) -> None:
         """Finish the jobs already submitted, then stop the thread (the tier stays open)."""
-        self._jobs.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         self._thread.join()

@@ -22,12 +22,14 @@ turn: one
 ``copy_`` of each layer's page into the KV cache. Reported per block, in microseconds; the
 ratio is the median of each round's tier / plain.
 
-A promotion behind write-backs (256 KiB blocks): ``--backlog`` write-back jobs of 24 blocks
+A promotion behind write-backs (1 MiB blocks): ``--backlog`` write-back jobs of 24 blocks
 (the soak's pool) are queued on the tier's I/O thread, then, 2 ms later (the first of them
-running), a one-block promotion read; the
-read's latency is reported against the same read on an idle tier and against the time the
-backlog takes to drain, which is what a read queued behind it in submission order would wait
-(reads now go ahead of queued writes: :mod:`kv_offload.transfer.tier_io`). Medians of
+running), a one-block promotion read. Reads go ahead of queued writes and run between two
+pieces of a running write (:mod:`kv_offload.transfer.tier_io`): the read's latency is reported
+with the writes in pieces of ``WRITE_CHUNK_BYTES`` and whole (one piece per job), in
+alternating order in the same rounds, against the time the backlog takes to drain (what the
+read would wait in submission order, the baseline) and the same read on an idle tier; and
+what the pieces cost the write-backs (drain time in pieces / whole). Medians of
 ``--promote-rounds`` rounds, the page cache dropped before each.
 
     python benchmarks/bench_disk_tier.py --json [--out FILE] [--dir DIR] [--mib 256]
@@ -52,7 +54,7 @@ from kv_offload.tiers.disk import DiskTier
 from kv_offload.tiers.disk.files import AlignedBuffer
 from kv_offload.transfer import Direction, TransferJob, regions_from_layers
 from kv_offload.transfer.cpu_engine import CpuTransferEngine
-from kv_offload.transfer.tier_io import TierIO
+from kv_offload.transfer.tier_io import WRITE_CHUNK_BYTES, TierIO
 
 NS = bytes(range(16))
 SIZES = [64 << 10, 256 << 10, 1 << 20, 2 << 20]
@@ -248,9 +250,9 @@ def bench_promote(d: str, bs: int, rounds: int, threads: int) -> dict[str, float
 
 
 def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, job_blocks: int = 24) -> dict[str, float]:
-    """A one-block promotion read queued after ``backlog`` write-back jobs (see the module
-    docstring): its latency, the same read on an idle tier, and the backlog's drain time."""
-    bs = 256 << 10
+    """A one-block promotion read queued behind ``backlog`` write-backs (see the module
+    docstring), the writes in pieces of ``WRITE_CHUNK_BYTES`` and whole, in the same rounds."""
+    bs = 1 << 20
     slots = backlog * job_blocks + 1
     pool_buf = AlignedBuffer(slots * bs)
     pool_buf.map.write(os.urandom(slots * bs))
@@ -259,14 +261,13 @@ def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, jo
     tier = DiskTier(path, 4 * slots * bs, NS, bs, threads=threads)
     wanted = NS + b"wanted".ljust(16, b"-")
     assert tier.write([(wanted, pool_buf.view[:bs])]) == [True]
-    tio = TierIO(tier, pool)
+    ios = {"pieces": TierIO(tier, pool), "whole": TierIO(tier, pool, write_chunk_bytes=job_blocks * bs)}
     jid = 0
-    idle_ms: list[float] = []
-    behind_ms: list[float] = []
-    drain_ms: list[float] = []
+    ms: dict[str, list[float]] = {k: [] for k in ("idle", "pieces", "whole", "drain_pieces", "drain_whole")}
 
-    def read_ms(extra_writes: int) -> tuple[float, float]:
-        """Submit ``extra_writes`` write jobs then the read; ms until the read, and until all, ended."""
+    def read_ms(tio: TierIO, extra_writes: int) -> tuple[float, float]:
+        """Submit ``extra_writes`` write jobs, then (2 ms later) the read; ms from the first
+        submission until the read, and until everything, ended."""
         nonlocal jid
         _drop(path)
         pool[slots - 1].zero_()
@@ -291,28 +292,31 @@ def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, jo
                     read_at = time.perf_counter()
             time.sleep(0.0002)
         assert read_at is not None
+        assert torch.equal(pool[slots - 1], pool[0])  # the block read is the one stored (slot 0's bytes)
         return (read_at - t0) * 1e3, (time.perf_counter() - t0) * 1e3
 
     try:
         for r in range(rounds + 1):  # round 0 warms up and is dropped
-            idle, _ = read_ms(0)
-            behind, drained = read_ms(backlog)
-            if r:
-                idle_ms.append(idle)
-                behind_ms.append(behind)
-                drain_ms.append(drained)
-            assert torch.equal(pool[slots - 1], pool[0])  # the block read is the one stored (slot 0's bytes)
+            row = {"idle": read_ms(ios["pieces"], 0)[0]}
+            for kind in ("pieces", "whole") if r % 2 else ("whole", "pieces"):
+                row[kind], row[f"drain_{kind}"] = read_ms(ios[kind], backlog)
+            for k, v in row.items():
+                if r:
+                    ms[k].append(v)
     finally:
-        tio.shutdown()
+        for tio in ios.values():
+            tio.shutdown()
         tier.close()
         pool_buf.close()  # left to the garbage collector while the pool's views live
         shutil.rmtree(path, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in ms.items()}
     return {
-        "backlog_jobs": backlog, "job_blocks": job_blocks, "block_kib": bs >> 10,
-        "read_idle_ms": statistics.median(idle_ms), "read_behind_ms": statistics.median(behind_ms),
-        "backlog_drain_ms": statistics.median(drain_ms),
-        "behind_over_idle": statistics.median(b / i for b, i in zip(behind_ms, idle_ms)),
-        "behind_over_drain": statistics.median(b / w for b, w in zip(behind_ms, drain_ms)),
+        "backlog_jobs": backlog, "job_blocks": job_blocks, "block_kib": bs >> 10, "piece_mib": WRITE_CHUNK_BYTES >> 20,
+        "read_idle_ms": med["idle"], "read_behind_pieces_ms": med["pieces"], "read_behind_whole_ms": med["whole"],
+        "drain_pieces_ms": med["drain_pieces"], "drain_whole_ms": med["drain_whole"],
+        "pieces_over_whole": statistics.median(a / b for a, b in zip(ms["pieces"], ms["whole"])),
+        "pieces_over_drain": statistics.median(a / b for a, b in zip(ms["pieces"], ms["drain_pieces"])),
+        "drain_pieces_over_whole": statistics.median(a / b for a, b in zip(ms["drain_pieces"], ms["drain_whole"])),
     }  # fmt: skip
 
 
@@ -366,9 +370,12 @@ def main() -> None:
         cells = [f"{p[f'promote{c}_us_per_block']:9.0f} {p[f'plain{c}_us_per_block']:9.0f} {p[f'promote{c}_ratio']:6.2f}"
                  for c in PROMOTE_SIZES]  # fmt: skip
         print(f"{p['block_kib']:>6}Ki " + " ".join(cells))
-    print(f"promotion read behind {behind['backlog_jobs']} write-backs of {behind['job_blocks']} x {behind['block_kib']} KiB: "
-          f"{behind['read_behind_ms']:.1f} ms (idle tier {behind['read_idle_ms']:.1f} ms, x{behind['behind_over_idle']:.2f}; "
-          f"the backlog drains in {behind['backlog_drain_ms']:.1f} ms, x{behind['behind_over_drain']:.2f})")  # fmt: skip
+    b = behind
+    print(f"promotion read (1 block) behind {b['backlog_jobs']} write-backs of {b['job_blocks']} x {b['block_kib']} KiB, ms: "
+          f"writes in {b['piece_mib']} MiB pieces {b['read_behind_pieces_ms']:.1f}, whole {b['read_behind_whole_ms']:.1f} "
+          f"(x{b['pieces_over_whole']:.2f}); in submission order it would wait for the backlog to drain: "
+          f"{b['drain_whole_ms']:.1f} (x{b['pieces_over_drain']:.2f}); idle tier {b['read_idle_ms']:.1f}; "
+          f"the backlog drains in pieces x{b['drain_pieces_over_whole']:.2f} the time whole")  # fmt: skip
     print(f"restart index: {index['blocks']} blocks in {index['seconds']:.3f} s ({index['seconds_per_1e5']:.3f} s per 10^5)")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},

@@ -5,7 +5,7 @@ over a real disk tier, with the data checked both ways."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,17 +19,18 @@ SLOTS = 32
 
 
 class _Gate:
-    """A fault hook that holds the first job on the tier thread until :meth:`open`, and
-    records the order jobs start in."""
+    """A fault hook that holds the ``nth`` job to start on the tier thread until :meth:`open`,
+    and records the order jobs start in."""
 
-    def __init__(self) -> None:
+    def __init__(self, nth: int = 1) -> None:
         self.started: list[int] = []
+        self.nth = nth
         self._open = threading.Event()
         self._first = threading.Event()
 
     def __call__(self, job_id: int, op: TierOp) -> None:
         self.started.append(job_id)
-        if len(self.started) == 1:
+        if len(self.started) == self.nth:
             self._first.set()
             assert self._open.wait(10), "the gate was never opened"
 
@@ -121,3 +122,72 @@ def test_a_cancelled_write_never_runs_and_shutdown_finishes_what_was_queued(setu
     assert gate.started == [1, 3]  # the cancelled write never reached the tier
     assert tier.contains([_key(1), _key(2)]) == [True, False]
     io.shutdown = lambda: None  # type: ignore[method-assign]  # the fixture's, already done
+
+
+class _LoggedDiskTier(DiskTier):
+    """A disk tier that records its calls: ("w", blocks) or ("r", blocks)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.calls: list[tuple[str, int]] = []
+
+    def write(self, items: Sequence[tuple[bytes, memoryview]]) -> list[bool]:
+        self.calls.append(("w", len(items)))
+        return super().write(items)
+
+    def read(self, keys: Sequence[bytes], into: Sequence[memoryview]) -> list[bool]:
+        self.calls.append(("r", len(keys)))
+        return super().read(keys, into)
+
+
+def test_a_read_runs_between_two_pieces_of_a_long_write(tmp_path: Path) -> None:
+    tier = _LoggedDiskTier(str(tmp_path), 64 * BLOCK, b"n" * 16, BLOCK, threads=1)
+    pool = torch.arange(SLOTS * BLOCK, dtype=torch.int64).remainder(249).to(torch.uint8).view(SLOTS, BLOCK)
+    stored = torch.full((BLOCK,), 9, dtype=torch.uint8)
+    assert tier.write([(_key(300), stored.numpy().data)]) == [True]
+    tier.calls.clear()
+    io = TierIO(tier, pool, write_chunk_bytes=2 * BLOCK)
+    gate = _Gate()
+    io.fault_hook = gate
+    try:
+        io.write(1, [_key(i) for i in range(5)], list(range(5)))  # 3 pieces: 2, 2, 1 blocks
+        gate.wait_first()
+        io.read(2, [_key(300)], [30])
+        gate.open()
+        done = _done(io)
+        assert tier.calls == [("w", 2), ("r", 1), ("w", 2), ("w", 1)]
+        assert done[1].success and done[2].success and done[1].nbytes == 5 * BLOCK
+        assert torch.equal(pool[30], stored)
+        back = torch.zeros(5, BLOCK, dtype=torch.uint8)
+        assert tier.read([_key(i) for i in range(5)], [back[i].numpy().data for i in range(5)]) == [True] * 5
+        assert torch.equal(back, pool[:5])  # the whole write landed, piece by piece
+        # While a read runs between two pieces of a write, neither can be cancelled (the
+        # write's slots are still being read); a write queued behind them can.
+        reached = {3: threading.Event(), 6: threading.Event()}
+        release = {3: threading.Event(), 6: threading.Event()}
+
+        def hold(job_id: int, op: TierOp) -> None:
+            if job_id in reached:
+                reached[job_id].set()
+                assert release[job_id].wait(10)
+
+        io.fault_hook = hold
+        tier.calls.clear()
+        io.write(3, [_key(i) for i in range(5, 10)], list(range(5, 10)))
+        assert reached[3].wait(10)  # write 3 held as it starts
+        io.read(6, [_key(300)], [29])
+        io.write(5, [_key(10)], [10])
+        release[3].set()
+        assert reached[6].wait(10)  # read 6 held, between write 3's first and second piece
+        assert tier.calls == [("w", 2)]
+        assert io.cancel([3, 6, 5]) == {5}
+        release[6].set()
+        done = _done(io)
+        assert done[3].success and done[6].success and not done[5].success
+        assert tier.calls == [("w", 2), ("r", 1), ("w", 2), ("w", 1)]  # write 5 never reached the tier
+        assert torch.equal(pool[29], stored)
+    finally:
+        io.shutdown()
+        tier.close()
+    with pytest.raises(ValueError, match="write_chunk_bytes"):
+        TierIO(tier, pool, write_chunk_bytes=0)

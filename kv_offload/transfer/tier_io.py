@@ -10,7 +10,9 @@ once and ``poll`` hands back what finished, never blocking.
 Reads go ahead of queued writes: a promotion holds up a request's first token, a write-back
 holds up nobody (its blocks stay in the pool meanwhile). Each kind runs in submission order,
 and a waiting write runs after at most :data:`READ_BURST` reads in a row, so write-backs, and
-the pool slots they pin, are never starved. The reordering is safe because the scheduler never
+the pool slots they pin, are never starved. A write runs in pieces of ``write_chunk_bytes``
+(default :data:`WRITE_CHUNK_BYTES`), and reads that arrived meanwhile run between two pieces:
+a read waits for one piece, not for a whole write-back (one step's can be hundreds of MiB). The reordering is safe because the scheduler never
 has a read and a write of one block in flight: a block being written back is pinned in the
 pool, so a request gets it from there, not from the tier.
 
@@ -32,7 +34,7 @@ import torch
 
 from kv_offload.tiers.base import BlockTier
 
-__all__ = ["READ_BURST", "TierIO", "TierOp", "TierResult"]
+__all__ = ["READ_BURST", "WRITE_CHUNK_BYTES", "TierIO", "TierOp", "TierResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class TierResult:
 _Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], float]
 #: reads run ahead of a waiting write at most this many times in a row
 READ_BURST = 8
+#: a write-back is written in pieces of about this many bytes, reads waiting run in between
+WRITE_CHUNK_BYTES = 8 << 20
 #: A test hook run on the tier thread before each job (it may sleep or raise: see
 #: :mod:`kv_offload.testing.faults`); never set outside tests.
 TierFaultHook = Callable[[int, TierOp], None]
@@ -66,12 +70,15 @@ TierFaultHook = Callable[[int, TierOp], None]
 class TierIO:
     """Runs tier jobs over ``pool`` (``uint8[num_slots, slot_bytes]``, the tier's block size)."""
 
-    def __init__(self, tier: BlockTier, pool: torch.Tensor) -> None:
+    def __init__(self, tier: BlockTier, pool: torch.Tensor, write_chunk_bytes: int = WRITE_CHUNK_BYTES) -> None:
         if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu":
             raise ValueError("pool must be a CPU uint8 tensor [num_slots, slot_bytes]")
         if pool.shape[1] != tier.block_bytes:
             raise ValueError(f"pool slots hold {pool.shape[1]} bytes but the tier's blocks are {tier.block_bytes}")
+        if write_chunk_bytes <= 0:
+            raise ValueError(f"write_chunk_bytes must be positive, got {write_chunk_bytes}")
         self.tier = tier
+        self._write_chunk = max(1, write_chunk_bytes // tier.block_bytes)  # blocks
         self._slots = pool.numpy()  # a view: one memoryview per slot, no copy
         tier.register_memory(memoryview(self._slots.reshape(-1).data))
         # Only a tier that can learn of other processes' blocks is worth a second look.
@@ -83,10 +90,11 @@ class TierIO:
         self._stopping = False
         self._done: list[TierResult] = []
         self._pending = 0
-        #: jobs cancelled before they started (they never touch the pool) and the job running now
+        #: jobs cancelled before they started (they never touch the pool), and those running now
+        #: (a write and the reads run between two of its pieces)
         self._cancelled: set[int] = set()
         self._queued: set[int] = set()
-        self._running: int | None = None
+        self._running: set[int] = set()
         #: test only, see :data:`TierFaultHook`
         self.fault_hook: TierFaultHook | None = None
         self._cond = threading.Condition()
@@ -118,7 +126,7 @@ class TierIO:
         tier (each still comes back from :meth:`poll`, failed). A running job (a read or
         write blocked in the tier) cannot be cancelled: its slots stay in use until it ends."""
         with self._cond:
-            out = {j for j in job_ids if j in self._queued and j != self._running}
+            out = {j for j in job_ids if j in self._queued and j not in self._running}
             self._cancelled |= out
         return out
 
@@ -134,17 +142,29 @@ class TierIO:
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
-            job_id, op, keys, slots, submitted = item
-            success, error = self._run_one(job_id, op, keys, slots)
-            nbytes = len(keys) * self.tier.block_bytes if success else 0
-            result = TierResult(job_id, op, success, nbytes, time.perf_counter() - submitted, error)
+            self._execute(item)
+
+    def _execute(self, item: _Item) -> None:
+        job_id, op, keys, slots, submitted = item
+        success, error = self._run_one(job_id, op, keys, slots)
+        nbytes = len(keys) * self.tier.block_bytes if success else 0
+        result = TierResult(job_id, op, success, nbytes, time.perf_counter() - submitted, error)
+        with self._cond:
+            self._running.discard(job_id)
+            self._queued.discard(job_id)
+            self._cancelled.discard(job_id)
+            self._done.append(result)
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _reads_meanwhile(self) -> None:
+        """Between two pieces of a write: the reads that arrived since it started."""
+        while True:
             with self._cond:
-                self._running = None
-                self._queued.discard(job_id)
-                self._cancelled.discard(job_id)
-                self._done.append(result)
-                self._pending -= 1
-                self._cond.notify_all()
+                if not self._reads:
+                    return
+                item = self._reads.popleft()
+            self._execute(item)
 
     def _run_one(self, job_id: int, op: TierOp, keys: tuple[bytes, ...], slots: tuple[int, ...]) -> tuple[bool, str | None]:
         """One job; whatever it raises becomes its failure (the thread never dies of a job)."""
@@ -152,7 +172,7 @@ class TierIO:
             with self._cond:
                 if job_id in self._cancelled:
                     return False, "cancelled before it started (timed out)"
-                self._running = job_id
+                self._running.add(job_id)
             hook = self.fault_hook
             if hook is not None:  # runs as part of the job: a stall here is a blocked tier call
                 hook(job_id, op)
@@ -167,7 +187,12 @@ class TierIO:
                     for i, good in zip(again, self.tier.read([keys[i] for i in again], [views[i] for i in again])):
                         ok[i] = good
             else:
-                ok = self.tier.write(list(zip(keys, views)))
+                pairs = list(zip(keys, views))
+                ok = []
+                for at in range(0, len(pairs), self._write_chunk):
+                    if at:
+                        self._reads_meanwhile()
+                    ok += self.tier.write(pairs[at : at + self._write_chunk])
             if all(ok):
                 return True, None
             return False, f"{ok.count(False)} of {len(ok)} blocks not {'read' if op is TierOp.READ else 'written'}"

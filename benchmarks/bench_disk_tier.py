@@ -23,14 +23,13 @@ turn: one
 ratio is the median of each round's tier / plain.
 
 A promotion behind write-backs (1 MiB blocks): ``--backlog`` write-back jobs of 24 blocks
-(the soak's pool) are queued on the tier's I/O thread, then, 2 ms later (the first of them
-running), a one-block promotion read. Reads go ahead of queued writes and run between two
-pieces of a running write (:mod:`kv_offload.transfer.tier_io`): the read's latency is reported
-with the writes in pieces of ``WRITE_CHUNK_BYTES`` and whole (one piece per job), in
-alternating order in the same rounds, against the time the backlog takes to drain (what the
-read would wait in submission order, the baseline) and the same read on an idle tier; and
-what the pieces cost the write-backs (drain time in pieces / whole). Medians of
-``--promote-rounds`` rounds, the page cache dropped before each.
+(the soak's pool) are submitted to the tier's I/O, then, 2 ms later (the first of them
+running), a one-block promotion read. Reads run on their own thread
+(:mod:`kv_offload.transfer.tier_io`): the read's latency is reported against the time the
+backlog alone takes to drain (what the read would wait in submission order on one thread,
+the baseline) and against the same read on an idle tier; the backlog's drain time with the
+read says what the read costs the writes. Medians of ``--promote-rounds`` rounds, the page
+cache dropped before each.
 
     python benchmarks/bench_disk_tier.py --json [--out FILE] [--dir DIR] [--mib 256]
 """
@@ -54,7 +53,7 @@ from kv_offload.tiers.disk import DiskTier
 from kv_offload.tiers.disk.files import AlignedBuffer
 from kv_offload.transfer import Direction, TransferJob, regions_from_layers
 from kv_offload.transfer.cpu_engine import CpuTransferEngine
-from kv_offload.transfer.tier_io import WRITE_CHUNK_BYTES, TierIO
+from kv_offload.transfer.tier_io import TierIO
 
 NS = bytes(range(16))
 SIZES = [64 << 10, 256 << 10, 1 << 20, 2 << 20]
@@ -250,8 +249,9 @@ def bench_promote(d: str, bs: int, rounds: int, threads: int) -> dict[str, float
 
 
 def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, job_blocks: int = 24) -> dict[str, float]:
-    """A one-block promotion read queued behind ``backlog`` write-backs (see the module
-    docstring), the writes in pieces of ``WRITE_CHUNK_BYTES`` and whole, in the same rounds."""
+    """A one-block promotion read submitted behind ``backlog`` write-backs (see the module
+    docstring): its latency, the same read on an idle tier, the backlog's drain time with the
+    read and without it."""
     bs = 1 << 20
     slots = backlog * job_blocks + 1
     pool_buf = AlignedBuffer(slots * bs)
@@ -261,29 +261,30 @@ def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, jo
     tier = DiskTier(path, 4 * slots * bs, NS, bs, threads=threads)
     wanted = NS + b"wanted".ljust(16, b"-")
     assert tier.write([(wanted, pool_buf.view[:bs])]) == [True]
-    ios = {"pieces": TierIO(tier, pool), "whole": TierIO(tier, pool, write_chunk_bytes=job_blocks * bs)}
+    tio = TierIO(tier, pool)
     jid = 0
-    ms: dict[str, list[float]] = {k: [] for k in ("idle", "pieces", "whole", "drain_pieces", "drain_whole")}
+    ms: dict[str, list[float]] = {k: [] for k in ("idle", "behind", "drain", "drain_alone")}
 
-    def read_ms(tio: TierIO, extra_writes: int) -> tuple[float, float]:
-        """Submit ``extra_writes`` write jobs, then (2 ms later) the read; ms from the first
+    def run(writes: int, read: bool) -> tuple[float, float]:
+        """Submit ``writes`` write jobs, then (2 ms later) the read; ms from the first
         submission until the read, and until everything, ended."""
         nonlocal jid
         _drop(path)
         pool[slots - 1].zero_()
         t0 = time.perf_counter()
-        for w in range(extra_writes):
+        for w in range(writes):
             jid += 1
             first = w * job_blocks
             keys = [NS + b"w" + (jid * 1000 + i).to_bytes(15, "little") for i in range(job_blocks)]
             tio.write(jid, keys, list(range(first, first + job_blocks)))
-        if extra_writes:
-            time.sleep(0.002)  # the read arrives while the first write-back runs
-        jid += 1
-        read_id = jid
-        tio.read(read_id, [wanted], [slots - 1])
-        read_at: float | None = None
-        left = extra_writes + 1
+        read_id, read_at = -1, t0
+        if read:
+            if writes:
+                time.sleep(0.002)  # the read arrives while the first write-back runs
+            jid += 1
+            read_id = jid
+            tio.read(read_id, [wanted], [slots - 1])
+        left = writes + read
         while left:
             for res in tio.poll():
                 assert res.success, res
@@ -291,32 +292,33 @@ def bench_read_behind_writes(d: str, rounds: int, threads: int, backlog: int, jo
                 if res.job_id == read_id:
                     read_at = time.perf_counter()
             time.sleep(0.0002)
-        assert read_at is not None
-        assert torch.equal(pool[slots - 1], pool[0])  # the block read is the one stored (slot 0's bytes)
+        if read:
+            assert torch.equal(pool[slots - 1], pool[0])  # the block read is the one stored (slot 0's bytes)
         return (read_at - t0) * 1e3, (time.perf_counter() - t0) * 1e3
 
     try:
         for r in range(rounds + 1):  # round 0 warms up and is dropped
-            row = {"idle": read_ms(ios["pieces"], 0)[0]}
-            for kind in ("pieces", "whole") if r % 2 else ("whole", "pieces"):
-                row[kind], row[f"drain_{kind}"] = read_ms(ios[kind], backlog)
+            row = {"idle": run(0, True)[0]}
+            for with_read in (True, False) if r % 2 else (False, True):
+                if with_read:
+                    row["behind"], row["drain"] = run(backlog, True)
+                else:
+                    row["drain_alone"] = run(backlog, False)[1]
             for k, v in row.items():
                 if r:
                     ms[k].append(v)
     finally:
-        for tio in ios.values():
-            tio.shutdown()
+        tio.shutdown()
         tier.close()
         pool_buf.close()  # left to the garbage collector while the pool's views live
         shutil.rmtree(path, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in ms.items()}
     return {
-        "backlog_jobs": backlog, "job_blocks": job_blocks, "block_kib": bs >> 10, "piece_mib": WRITE_CHUNK_BYTES >> 20,
-        "read_idle_ms": med["idle"], "read_behind_pieces_ms": med["pieces"], "read_behind_whole_ms": med["whole"],
-        "drain_pieces_ms": med["drain_pieces"], "drain_whole_ms": med["drain_whole"],
-        "pieces_over_whole": statistics.median(a / b for a, b in zip(ms["pieces"], ms["whole"])),
-        "pieces_over_drain": statistics.median(a / b for a, b in zip(ms["pieces"], ms["drain_pieces"])),
-        "drain_pieces_over_whole": statistics.median(a / b for a, b in zip(ms["drain_pieces"], ms["drain_whole"])),
+        "backlog_jobs": backlog, "job_blocks": job_blocks, "block_kib": bs >> 10,
+        "read_idle_ms": med["idle"], "read_behind_ms": med["behind"],
+        "drain_with_read_ms": med["drain"], "drain_alone_ms": med["drain_alone"],
+        "behind_over_drain": statistics.median(a / b for a, b in zip(ms["behind"], ms["drain_alone"])),
+        "behind_over_idle": statistics.median(a / b for a, b in zip(ms["behind"], ms["idle"])),
     }  # fmt: skip
 
 
@@ -371,11 +373,10 @@ def main() -> None:
                  for c in PROMOTE_SIZES]  # fmt: skip
         print(f"{p['block_kib']:>6}Ki " + " ".join(cells))
     b = behind
-    print(f"promotion read (1 block) behind {b['backlog_jobs']} write-backs of {b['job_blocks']} x {b['block_kib']} KiB, ms: "
-          f"writes in {b['piece_mib']} MiB pieces {b['read_behind_pieces_ms']:.1f}, whole {b['read_behind_whole_ms']:.1f} "
-          f"(x{b['pieces_over_whole']:.2f}); in submission order it would wait for the backlog to drain: "
-          f"{b['drain_whole_ms']:.1f} (x{b['pieces_over_drain']:.2f}); idle tier {b['read_idle_ms']:.1f}; "
-          f"the backlog drains in pieces x{b['drain_pieces_over_whole']:.2f} the time whole")  # fmt: skip
+    print(f"promotion read (1 block) submitted behind {b['backlog_jobs']} write-backs of {b['job_blocks']} x "
+          f"{b['block_kib']} KiB: {b['read_behind_ms']:.1f} ms; in submission order it would wait for them to drain: "
+          f"{b['drain_alone_ms']:.1f} ms (x{b['behind_over_drain']:.2f}); idle tier {b['read_idle_ms']:.1f} ms "
+          f"(x{b['behind_over_idle']:.2f}); the backlog with the read drains in {b['drain_with_read_ms']:.1f} ms")  # fmt: skip
     print(f"restart index: {index['blocks']} blocks in {index['seconds']:.3f} s ({index['seconds_per_1e5']:.3f} s per 10^5)")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},

@@ -3,18 +3,16 @@
 
 The transfer path (pool <-> tier) next to the engines' (KV cache <-> pool): a job reads
 blocks from a :class:`~kv_offload.tiers.BlockTier` into pool slots (a promotion's first
-leg) or writes pool slots to the tier (a write-back). Jobs run on one background thread (the
-tier batches and parallelises each job's I/O itself), so ``read`` and ``write`` return at
-once and ``poll`` hands back what finished, never blocking.
+leg) or writes pool slots to the tier (a write-back). Reads and writes run on two background
+threads, each kind in submission order (the tier batches and parallelises each job's I/O
+itself, and takes calls from several threads at once: :mod:`kv_offload.tiers.base`), so
+``read`` and ``write`` return at once and ``poll`` hands back what finished, never blocking.
 
-Reads go ahead of queued writes: a promotion holds up a request's first token, a write-back
-holds up nobody (its blocks stay in the pool meanwhile). Each kind runs in submission order,
-and a waiting write runs after at most :data:`READ_BURST` reads in a row, so write-backs, and
-the pool slots they pin, are never starved. A write runs in pieces of ``write_chunk_bytes``
-(default :data:`WRITE_CHUNK_BYTES`), and reads that arrived meanwhile run between two pieces:
-a read waits for one piece, not for a whole write-back (one step's can be hundreds of MiB). The reordering is safe because the scheduler never
-has a read and a write of one block in flight: a block being written back is pinned in the
-pool, so a request gets it from there, not from the tier.
+Reads never queue behind writes: a promotion holds up a request's first token, a write-back
+holds up nobody (its blocks stay in the pool meanwhile), and one step's write-back can be
+hundreds of MiB. This is safe because the scheduler never has a read and a write of one block
+in flight: a block being written back is pinned in the pool, so a request gets it from there,
+not from the tier.
 
 The caller guarantees the slots are not reused while a job runs (the scheduler reserves a
 promotion's slots and pins a write-back's).
@@ -34,7 +32,7 @@ import torch
 
 from kv_offload.tiers.base import BlockTier
 
-__all__ = ["READ_BURST", "WRITE_CHUNK_BYTES", "TierIO", "TierOp", "TierResult"]
+__all__ = ["TierIO", "TierOp", "TierResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +56,6 @@ class TierResult:
 
 
 _Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], float]
-#: reads run ahead of a waiting write at most this many times in a row
-READ_BURST = 8
-#: a write-back is written in pieces of about this many bytes, reads waiting run in between
-WRITE_CHUNK_BYTES = 8 << 20
 #: A test hook run on the tier thread before each job (it may sleep or raise: see
 #: :mod:`kv_offload.testing.faults`); never set outside tests.
 TierFaultHook = Callable[[int, TierOp], None]
@@ -70,36 +64,35 @@ TierFaultHook = Callable[[int, TierOp], None]
 class TierIO:
     """Runs tier jobs over ``pool`` (``uint8[num_slots, slot_bytes]``, the tier's block size)."""
 
-    def __init__(self, tier: BlockTier, pool: torch.Tensor, write_chunk_bytes: int = WRITE_CHUNK_BYTES) -> None:
+    def __init__(self, tier: BlockTier, pool: torch.Tensor) -> None:
         if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.device.type != "cpu":
             raise ValueError("pool must be a CPU uint8 tensor [num_slots, slot_bytes]")
         if pool.shape[1] != tier.block_bytes:
             raise ValueError(f"pool slots hold {pool.shape[1]} bytes but the tier's blocks are {tier.block_bytes}")
-        if write_chunk_bytes <= 0:
-            raise ValueError(f"write_chunk_bytes must be positive, got {write_chunk_bytes}")
         self.tier = tier
-        self._write_chunk = max(1, write_chunk_bytes // tier.block_bytes)  # blocks
         self._slots = pool.numpy()  # a view: one memoryview per slot, no copy
         tier.register_memory(memoryview(self._slots.reshape(-1).data))
         # Only a tier that can learn of other processes' blocks is worth a second look.
         self._refreshes = type(tier).refresh is not BlockTier.refresh
-        #: jobs not started, by kind (see the module doc for the order they run in)
-        self._reads: deque[_Item] = deque()
-        self._writes: deque[_Item] = deque()
-        self._reads_in_a_row = 0
+        #: jobs not started, by kind: each kind's thread takes them in submission order
+        self._queues: dict[TierOp, deque[_Item]] = {TierOp.READ: deque(), TierOp.WRITE: deque()}
         self._stopping = False
         self._done: list[TierResult] = []
         self._pending = 0
         #: jobs cancelled before they started (they never touch the pool), and those running now
-        #: (a write and the reads run between two of its pieces)
+        #: (a read and a write at most)
         self._cancelled: set[int] = set()
         self._queued: set[int] = set()
         self._running: set[int] = set()
         #: test only, see :data:`TierFaultHook`
         self.fault_hook: TierFaultHook | None = None
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="kv_offload-tier-io", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(op,), name=f"kv_offload-tier-{op.value}", daemon=True)
+            for op in TierOp
+        ]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
 
     def read(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int]) -> None:
         self._put(job_id, TierOp.READ, keys, slots)
@@ -118,7 +111,7 @@ class TierIO:
         with self._cond:
             self._pending += 1
             self._queued.add(job_id)
-            (self._reads if op is TierOp.READ else self._writes).append(item)
+            self._queues[op].append(item)
             self._cond.notify_all()
 
     def cancel(self, job_ids: Collection[int]) -> set[int]:
@@ -130,18 +123,15 @@ class TierIO:
             self._cancelled |= out
         return out
 
-    def _next(self) -> _Item | None:
-        """The next job to run (waits for one); ``None`` once stopping and none is left."""
+    def _next(self, op: TierOp) -> _Item | None:
+        """The next job of kind ``op`` (waits for one); ``None`` once stopping and none is left."""
+        queue = self._queues[op]
         with self._cond:
-            self._cond.wait_for(lambda: self._reads or self._writes or self._stopping)
-            if self._reads and not (self._writes and self._reads_in_a_row >= READ_BURST):
-                self._reads_in_a_row = self._reads_in_a_row + 1 if self._writes else 0  # ahead of a write
-                return self._reads.popleft()
-            self._reads_in_a_row = 0
-            return self._writes.popleft() if self._writes else None
+            self._cond.wait_for(lambda: queue or self._stopping)
+            return queue.popleft() if queue else None
 
-    def _run(self) -> None:
-        while (item := self._next()) is not None:
+    def _run(self, op: TierOp) -> None:
+        while (item := self._next(op)) is not None:
             self._execute(item)
 
     def _execute(self, item: _Item) -> None:
@@ -156,15 +146,6 @@ class TierIO:
             self._done.append(result)
             self._pending -= 1
             self._cond.notify_all()
-
-    def _reads_meanwhile(self) -> None:
-        """Between two pieces of a write: the reads that arrived since it started."""
-        while True:
-            with self._cond:
-                if not self._reads:
-                    return
-                item = self._reads.popleft()
-            self._execute(item)
 
     def _run_one(self, job_id: int, op: TierOp, keys: tuple[bytes, ...], slots: tuple[int, ...]) -> tuple[bool, str | None]:
         """One job; whatever it raises becomes its failure (the thread never dies of a job)."""
@@ -187,12 +168,7 @@ class TierIO:
                     for i, good in zip(again, self.tier.read([keys[i] for i in again], [views[i] for i in again])):
                         ok[i] = good
             else:
-                pairs = list(zip(keys, views))
-                ok = []
-                for at in range(0, len(pairs), self._write_chunk):
-                    if at:
-                        self._reads_meanwhile()
-                    ok += self.tier.write(pairs[at : at + self._write_chunk])
+                ok = self.tier.write(list(zip(keys, views)))
             if all(ok):
                 return True, None
             return False, f"{ok.count(False)} of {len(ok)} blocks not {'read' if op is TierOp.READ else 'written'}"
@@ -217,4 +193,5 @@ class TierIO:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()

@@ -66,7 +66,8 @@ MiB = 1 << 20
 BLOCK_TOKENS = 128  # vLLM's block size for this model on CPU
 #: the in-flight gauges that must read 0 once the load stopped
 LEAK_GAUGES = ("pool_reading_blocks", "pool_writing_blocks", "pending_jobs", "quarantined_slots")
-#: the ``direction`` labels of ``kv_offload:timed_out_jobs_total``
+#: the ``direction`` labels of ``kv_offload:timed_out_jobs_total`` (``kv_offload.vllm.stats.TIMED_OUT``;
+#: not imported from there: that module loads vLLM, which this driver process never does)
 TIMED_OUT_DIRECTIONS = ("load", "store", "promote", "writeback")
 
 
@@ -144,12 +145,13 @@ def leak_gauges(server: Server, settle_s: float = 90.0) -> dict[str, Any]:
         time.sleep(2.0)
         m = scrape_metrics(server.port)
         waited = time.perf_counter() - t0
-        settled = not any(m.get(f"kv_offload:{g}") for g in LEAK_GAUGES)
+        now = gauges(m)
+        settled = not any(now.values())
         if at_30 is None and (settled or waited >= 30.0):
-            at_30 = gauges(m)
+            at_30 = now
         if settled or waited >= settle_s:
             break
-    out: dict[str, Any] = gauges(m)
+    out: dict[str, Any] = dict(now)
     out["flushes"] = flushes
     out["settled_after_s"] = round(waited, 1) if settled else None
     out["gauges_at_30s"] = at_30

@@ -20,18 +20,17 @@ SLOTS = 32
 
 
 class _Gate:
-    """A fault hook that holds the ``nth`` job to start on the tier thread until :meth:`open`,
-    and records the order jobs start in."""
+    """A fault hook that holds the first job to start in the tier until :meth:`open`, and
+    records the order jobs start in."""
 
-    def __init__(self, nth: int = 1) -> None:
+    def __init__(self) -> None:
         self.started: list[int] = []
-        self.nth = nth
         self._open = threading.Event()
         self._first = threading.Event()
 
     def __call__(self, job_id: int, op: TierOp) -> None:
         self.started.append(job_id)
-        if len(self.started) == self.nth:
+        if len(self.started) == 1:
             self._first.set()
             assert self._open.wait(10), "the gate was never opened"
 

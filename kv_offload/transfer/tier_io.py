@@ -189,7 +189,7 @@ class TierIO:
             self._cond.wait_for(lambda: self._pending == 0)
 
     def shutdown(self) -> None:
-        """Finish the jobs already submitted, then stop the thread (the tier stays open)."""
+        """Finish the jobs already submitted, then stop both threads (the tier stays open)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()

@@ -6,7 +6,7 @@
 
 #define KVO_ISA avx2
 #define KVO_ISA_NAME "avx2"
-#include "kernels/attn_impl.h"
+#include "kernels/attn_entry.h"
 
 namespace kv_offload {
 namespace cpu_attn {

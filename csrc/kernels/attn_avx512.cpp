@@ -12,7 +12,7 @@
 
 #define KVO_ISA avx512
 #define KVO_ISA_NAME "avx512"
-#include "kernels/attn_impl.h"
+#include "kernels/attn_entry.h"
 
 namespace kv_offload {
 namespace cpu_attn {

@@ -15,7 +15,7 @@
 
 #define KVO_ISA avx512bf16
 #define KVO_ISA_NAME "avx512bf16"
-#include "kernels/attn_impl.h"
+#include "kernels/attn_entry.h"
 
 namespace kv_offload {
 namespace cpu_attn {

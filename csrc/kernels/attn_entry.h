@@ -166,27 +166,20 @@ static void prefill_items(const PrefillParams& p, int64_t begin, int64_t end) {
 
 // ---- dispatch over KV dtype and head size -----------------------------------------------------
 
+template <template <class, int> class F, class KT, class... Args>
+static void by_head(int d, Args&&... args) {
+  if (d == 64) F<KT, 64>::run(args...);
+  else if (d == 128) F<KT, 128>::run(args...);
+  else if (d == 256) F<KT, 256>::run(args...);
+  else F<KT, 0>::run(args...);
+}
+
 template <template <class, int> class F, class... Args>
 static void by_dtype_and_head(DType dt, int d, Args&&... args) {
   switch (dt) {
-    case DType::kFloat32:
-      if (d == 64) F<float, 64>::run(args...);
-      else if (d == 128) F<float, 128>::run(args...);
-      else if (d == 256) F<float, 256>::run(args...);
-      else F<float, 0>::run(args...);
-      break;
-    case DType::kBFloat16:
-      if (d == 64) F<bf16_t, 64>::run(args...);
-      else if (d == 128) F<bf16_t, 128>::run(args...);
-      else if (d == 256) F<bf16_t, 256>::run(args...);
-      else F<bf16_t, 0>::run(args...);
-      break;
-    default:
-      if (d == 64) F<fp16_t, 64>::run(args...);
-      else if (d == 128) F<fp16_t, 128>::run(args...);
-      else if (d == 256) F<fp16_t, 256>::run(args...);
-      else F<fp16_t, 0>::run(args...);
-      break;
+    case DType::kFloat32: by_head<F, float>(d, args...); break;
+    case DType::kBFloat16: by_head<F, bf16_t>(d, args...); break;
+    default: by_head<F, fp16_t>(d, args...); break;
   }
 }
 

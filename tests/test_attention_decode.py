@@ -49,6 +49,27 @@ def test_decode_head_sizes_and_gqa(isa: str, head_size: int, group: int, dtype: 
     assert_close_to_oracle(out, ref, lowp)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [128, 256])
+@pytest.mark.parametrize("window", [None, 200])
+def test_decode_whole_block_chunks(
+    isa: str, fmt: PageFormat, dtype: torch.dtype, block_size: int, window: int | None
+) -> None:
+    # Decode reads K/V in place in chunks of up to 128 tokens: a whole 128-token block, half of
+    # a 256-token one. Lengths at and around 128 and 256, a window edge inside a chunk, groups
+    # of 4 (one row tile) and 3 (a partial one), a query that is a strided view.
+    g = make_geometry(dtype, fmt, head_size=64, num_kv_heads=2, block_size=block_size, num_layers=1)
+    lens = [1, 127, 128, 129, 255, 256, 257, 700]
+    case = make_paged(g, lens, layer=0, seed=block_size)
+    for group in (4, 3):
+        q = torch.randn(len(lens), 2 * group, 2, 64).to(dtype)[:, :, 1]
+        out = paged_decode_attention(q, case.cache, case.table, case.lens, g, 0, isa=isa, window=window)
+        ref = decode_attention_ref(q, case.cache, case.table, case.lens, g, 0, window=window)
+        assert_close_to_oracle(out, ref, torch_lowp_decode(q, case, window=window))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 7])
 @pytest.mark.parametrize("window", [None, 100])

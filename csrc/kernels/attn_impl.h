@@ -7,8 +7,9 @@
 //
 // Algorithm (both decode and prefill): a work item owns R query rows that share one KV head
 // (decode: the G query heads of a GQA group; prefill: M new tokens x G heads). It walks the
-// visible KV positions in chunks of at most kChunk tokens (one block, or part of one, or a
-// piece of the dense new-token K/V), and per chunk:
+// visible KV positions in chunks of at most kChunk (staged, many rows) or kInPlaceChunk (in
+// place, few rows) tokens (one block, or part of one, or a piece of the dense new-token K/V),
+// and per chunk:
 //   1. S = Q K^T for all R rows (scores already in log2 units: Q is pre-scaled by
 //      scale * log2(e), or, for bf16 prefill on avx512bf16, the scores are scaled after
 //      bf16 dot products, see attn_bf16dot.h); each K element is read from memory once for
@@ -171,14 +172,14 @@ static inline void softmax_row(float* s, int n, float& m, float& l, float* acc, 
 // ---- one work item -----------------------------------------------------------------------
 
 template <class KT>
-static inline Chunk<KT> make_chunk(const RowJob<KT>& job, int64_t p) {
+static inline Chunk<KT> make_chunk(const RowJob<KT>& job, int64_t p, int limit) {
   const KVLayout& kv = *job.kv;
   const int64_t bs = kv.block_size;
   Chunk<KT> c;
   c.pos = p;
   if (p < job.prefix) {
     const int64_t blk = p / bs, off = p % bs;
-    c.n = static_cast<int>(std::min<int64_t>({bs - off, job.p_hi - p, job.prefix - p, kChunk}));
+    c.n = static_cast<int>(std::min<int64_t>({bs - off, job.p_hi - p, job.prefix - p, limit}));
     const uint8_t* page =
         kv.base + static_cast<int64_t>(job.block_ids[blk]) * kv.block_stride_bytes + kv.page_offset_bytes;
     const KT* pg = reinterpret_cast<const KT*>(page);
@@ -189,7 +190,7 @@ static inline Chunk<KT> make_chunk(const RowJob<KT>& job, int64_t p) {
     c.v_tok = kv.v_token;
   } else {
     const int64_t t = p - job.prefix;
-    c.n = static_cast<int>(std::min<int64_t>(job.p_hi - p, kChunk));
+    c.n = static_cast<int>(std::min<int64_t>(job.p_hi - p, limit));
     c.k = job.new_k + t * job.new_k_tok;
     c.v = job.new_v + t * job.new_v_tok;
     c.k_tok = job.new_k_tok;
@@ -283,6 +284,7 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   float* s = sc.s.data();
   // Many rows (prefill) go through fp32 staging, few (decode) read K in place.
   const bool staged = rows > kMaxInPlaceRows;
+  const int limit = staged ? kChunk : kInPlaceChunk;
   if constexpr (kPairs<KT>) {  // Q in pair order for qk_bf16_pairs (the in-place path only)
     for (int r = 0; !staged && r < rows; ++r) {
       const float* q = sc.q.data() + static_cast<size_t>(r) * d;
@@ -298,14 +300,14 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
   int64_t p = job.p_lo;
   bool prefetched = false;  // this chunk's lines were prefetched during the previous one
   while (p < job.p_hi) {
-    const Chunk<KT> c = make_chunk(job, p);
+    const Chunk<KT> c = make_chunk(job, p, limit);
     const int n = c.n;
     const int nv = (n + W - 1) / W * W;
     if (!prefetched) sink = touch_chunk(c.k, c.k_tok, c.k_dim, c.v, c.v_tok, n, d, dv, sink);
     PrefetchCursor pf;
     prefetched = false;
     if (p + n < job.p_hi) {
-      const Chunk<KT> next = make_chunk(job, p + n);
+      const Chunk<KT> next = make_chunk(job, p + n, limit);
       const char *lo, *hi;
       chunk_span(next, d, dv, &lo, &hi);
       if (lo != nullptr) {
@@ -313,10 +315,10 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
         pf.end = hi;
         const int64_t lines = (hi - pf.next + 63) / 64;
         // Units of work in this chunk (see PrefetchCursor): per token, one per W-lane vector
-        // of V and row tile (P.V) and one per W-lane vector of K (in-place Q.K).
+        // of V and row tile (P.V) and one per W-lane vector of K (in-place Q.K, either K layout).
         const int row_tiles = staged ? (rows + kRowTile - 1) / kRowTile : 1;
         int64_t units = static_cast<int64_t>(dv / W) * row_tiles * n;
-        if (!staged && c.k_dim == 1) units += static_cast<int64_t>(n) * d / W;
+        if (!staged) units += static_cast<int64_t>(n) * d / W;
         pf.rate = static_cast<uint32_t>((lines * 65536 + units - 1) / units);
         prefetched = true;
       }

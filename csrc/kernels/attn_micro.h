@@ -19,9 +19,16 @@ namespace kv_offload {
 namespace cpu_attn {
 namespace KVO_ISA {
 
-constexpr int kChunk = 64;                // most tokens handled per chunk
-constexpr int kRowTile = 6;               // query rows per register tile (12 accumulators)
-constexpr int kSStride = kChunk + 16;     // row stride of the score buffer
+// Most tokens per chunk: kChunk where the chunk is staged (many rows: prefill; its K^T staging
+// buffer stays within L1), kInPlaceChunk where K and V are read in place (few rows: decode). A
+// decode chunk is then a whole 128-token block, so each line of the CPU page format's K^T rows
+// is read, and prefetched, once per block; with 64-token chunks each prefetch span also
+// covered the other half of every K^T row, and the spans overlapped (Zen 4: decode from DRAM
+// 20 -> 26 GB/s fp32 with the change below to the prefetch pacing and hint).
+constexpr int kChunk = 64;
+constexpr int kInPlaceChunk = 128;
+constexpr int kRowTile = 6;                   // query rows per register tile (12 accumulators)
+constexpr int kSStride = kInPlaceChunk + 16;  // row stride of the score buffer
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -66,21 +73,21 @@ static inline void for_row_tiles(int rows, F&& f) {
 }
 
 // The bf16 pair Q.K kernel below (decode's in-place path) leaves W-lane partial dot products
-// in a buffer, raw[(r * kChunk + t) * W], instead of reducing each tile at once: the
+// in a buffer, raw[(r * kInPlaceChunk + t) * W], instead of reducing each tile at once: the
 // horizontal sums then run in one pass per chunk (reduce_partials), off the FMA dependency
 // chains, and each tile's chains are split over two halves of the head dims, so out-of-order
 // execution overlaps neighbouring tiles (+25% on hot bf16 decode here; fp32's 3-token tiles
 // already have 12 independent chains and lost 15% this way, so they reduce at once). At most
 // kMaxInPlaceRows rows read K in place.
 constexpr int kMaxInPlaceRows = 4;
-constexpr int kPartialFloats = kMaxInPlaceRows * kChunk * W;
+constexpr int kPartialFloats = kMaxInPlaceRows * kInPlaceChunk * W;
 
 // Stores (half 0) or adds (half 1) an RT x NT tile of partial sums.
 template <int RT, int NT>
 static inline void store_partials(vf (&acc)[RT][NT], int half, float* raw) {
   for (int r = 0; r < RT; ++r)
     for (int t = 0; t < NT; ++t) {
-      float* o = raw + (r * kChunk + t) * W;
+      float* o = raw + (r * kInPlaceChunk + t) * W;
       Simd::store(o, half ? Simd::add(Simd::load(o), acc[r][t]) : acc[r][t]);
     }
 }
@@ -90,7 +97,7 @@ static inline void store_partials(vf (&acc)[RT][NT], int half, float* raw) {
 static inline void reduce_partials(const float* raw, int rows, int n, float* s) {
   for (int r = 0; r < rows; ++r)
     for (int t = 0; t < n; t += 8) {
-      const float* x = raw + (r * kChunk + t) * W;
+      const float* x = raw + (r * kInPlaceChunk + t) * W;
       Simd::hsum8(Simd::load(x), Simd::load(x + W), Simd::load(x + 2 * W), Simd::load(x + 3 * W),
                   Simd::load(x + 4 * W), Simd::load(x + 5 * W), Simd::load(x + 6 * W), Simd::load(x + 7 * W),
                   s + r * kSStride + t);
@@ -166,27 +173,8 @@ template <int DC, int NT>
 static inline void qk_bf16_pairs_rows(const float* qp, int rows, int d, const bf16_t* k, int64_t k_tok, float* raw) {
   const int dn = DC ? DC : d;
   for_row_tiles<4>(rows, [&](int r0, auto rt) {
-    qk_bf16_pairs<DC, decltype(rt)::value, NT>(qp + r0 * dn, d, k, k_tok, raw + r0 * kChunk * W);
+    qk_bf16_pairs<DC, decltype(rt)::value, NT>(qp + r0 * dn, d, k, k_tok, raw + r0 * kInPlaceChunk * W);
   });
-}
-
-// Dim-major K (token stride 1): RT rows x NV vectors of W tokens, broadcasting Q.
-template <class KT, int DC, int RT, int NV>
-static inline void qk_dim_major(const float* q, int d, const KT* k, int64_t k_dim, float* s) {
-  const int dn = DC ? DC : d;
-  vf acc[RT][NV];
-  for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = Simd::zero();
-  for (int i = 0; i < dn; ++i) {
-    vf kv[NV];
-    for (int j = 0; j < NV; ++j) kv[j] = Simd::load_cvt(k + i * k_dim + j * W);
-    for (int r = 0; r < RT; ++r) {
-      vf qb = Simd::set1(q[r * dn + i]);
-      for (int j = 0; j < NV; ++j) acc[r][j] = Simd::fma(qb, kv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int j = 0; j < NV; ++j) Simd::store(s + r * kSStride + j * W, acc[r][j]);
 }
 
 template <class KT, int DC, int NT>
@@ -195,15 +183,6 @@ static inline void qk_token_major_rows(const float* q, int rows, int d, const KT
   const int dn = DC ? DC : d;
   for_row_tiles<4>(rows, [&](int r0, auto rt) {
     qk_token_major<KT, DC, decltype(rt)::value, NT>(q + r0 * dn, d, k, k_tok, s + r0 * kSStride);
-  });
-}
-
-template <class KT, int DC, int NV>
-static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_dim,
-                                     float* s) {
-  const int dn = DC ? DC : d;
-  for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
-    qk_dim_major<KT, DC, decltype(rt)::value, NV>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride);
   });
 }
 
@@ -216,6 +195,9 @@ static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* 
 // prefetch waited on the store-to-load chain of `credit` and `next`, and the accumulators
 // spilled around the loop (perf: 60% of fp32 decode's P.V time was that loop; hot fp32
 // decode on one Zen 5 core went from 30 to 50 GB/s, bf16 from 21 to 36 GB/s).
+// The hint is L2 (Simd::prefetch): a line is prefetched a whole chunk (up to 128 KiB of K and
+// V) before it is read, more than an L1 holds, so L1-bound prefetches evicted each other and
+// the chunk being computed (Zen 4: prefetcht2 ahead of prefetcht0 in every interleaved run).
 struct PrefetchCursor {
   const char* next = nullptr;
   const char* end = nullptr;
@@ -226,6 +208,48 @@ struct PrefetchCursor {
     for (; credit >= 65536u && next < end; credit -= 65536u, next += 64) Simd::prefetch(next);
   }
 };
+
+// Dim-major K (token stride 1): RT rows x NV vectors of W tokens, broadcasting Q. Paced: the
+// in-place (decode) tile advances the prefetch cursor by NV units per head dim, so the next
+// chunk's lines are issued over Q.K as well as P.V (before, only P.V advanced it for this
+// layout, so every line went out in half the time, in bursts).
+template <class KT, int DC, int RT, int NV, bool Paced>
+static inline void qk_dim_major(const float* q, int d, const KT* k, int64_t k_dim, float* s, PrefetchCursor& pf) {
+  const int dn = DC ? DC : d;
+  vf acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = Simd::zero();
+  PrefetchCursor cur = pf;  // a local copy stays in registers (see PrefetchCursor)
+  for (int i = 0; i < dn; ++i) {
+    if constexpr (Paced) cur.advance(NV);
+    vf kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = Simd::load_cvt(k + i * k_dim + j * W);
+    for (int r = 0; r < RT; ++r) {
+      vf qb = Simd::set1(q[r * dn + i]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = Simd::fma(qb, kv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) Simd::store(s + r * kSStride + j * W, acc[r][j]);
+  pf = cur;
+}
+
+// Few rows (decode: one tile, read in place) advance the cursor; many rows (prefill, staged)
+// advance it in P.V only (see attend's units).
+template <class KT, int DC, int NV>
+static inline void qk_dim_major_rows(const float* q, int rows, int d, const KT* k, int64_t k_dim, float* s,
+                                     PrefetchCursor& pf) {
+  const int dn = DC ? DC : d;
+  if (rows <= kMaxInPlaceRows) {
+    for_row_tiles<kMaxInPlaceRows>(rows, [&](int r0, auto rt) {
+      qk_dim_major<KT, DC, decltype(rt)::value, NV, true>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride, pf);
+    });
+    return;
+  }
+  for_row_tiles<kRowTile>(rows, [&](int r0, auto rt) {
+    qk_dim_major<KT, DC, decltype(rt)::value, NV, false>(q + r0 * dn, d, k, k_dim, s + r0 * kSStride, pf);
+  });
+}
 
 // Whether token-major bf16 K goes through the even/odd pair kernels on this ISA.
 template <class KT>
@@ -266,9 +290,9 @@ static void chunk_scores(const float* q, const float* qp, int rows, int d, const
     int t = 0;
     if constexpr (kWideVecs > 2)
       for (; t + kWideVecs * W <= n; t += kWideVecs * W)
-        qk_dim_major_rows<KT, DC, kWideVecs>(q, rows, d, c.k + t, c.k_dim, s + t);
-    for (; t + 2 * W <= n; t += 2 * W) qk_dim_major_rows<KT, DC, 2>(q, rows, d, c.k + t, c.k_dim, s + t);
-    for (; t + W <= n; t += W) qk_dim_major_rows<KT, DC, 1>(q, rows, d, c.k + t, c.k_dim, s + t);
+        qk_dim_major_rows<KT, DC, kWideVecs>(q, rows, d, c.k + t, c.k_dim, s + t, pf);
+    for (; t + 2 * W <= n; t += 2 * W) qk_dim_major_rows<KT, DC, 2>(q, rows, d, c.k + t, c.k_dim, s + t, pf);
+    for (; t + W <= n; t += W) qk_dim_major_rows<KT, DC, 1>(q, rows, d, c.k + t, c.k_dim, s + t, pf);
     for (; t < n; ++t)
       for (int r = 0; r < rows; ++r) {
         float acc = 0.0f;

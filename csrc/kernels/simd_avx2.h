@@ -95,7 +95,8 @@ struct Simd {
   static inline vf load_cvt(const fp16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  // To L2, not L1: the attention kernels prefetch a whole chunk ahead (see PrefetchCursor).
+  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T2); }
 
   // bf16 in even/odd lane pairs: one 256-bit load of 16 bf16 values gives two fp32 vectors,
   // elements 0, 2, ..., 14 and 1, 3, ..., 15, for a shift and an AND (instead of two loads,

@@ -107,7 +107,8 @@ struct Simd {
   static inline vf load_cvt(const fp16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  // To L2, not L1: the attention kernels prefetch a whole chunk ahead (see PrefetchCursor).
+  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T2); }
   static constexpr bool kBf16Pairs = false;  // the even/odd bf16 path is AVX2-only (see simd_avx2.h)
   static inline void load_bf16_pair(const bf16_t*, vf&, vf&) {}
 

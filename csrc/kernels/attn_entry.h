@@ -28,6 +28,9 @@ static void decode_items(const DecodeParams& p, int64_t begin, int64_t end) {
   Scratch& sc = scratch();
   sc.ensure(g, d, dv);
   const float qscale = p.scale * kLog2e;
+  // NHD pages (each token row holds every head's K and V): the next chunk is prefetched as
+  // one range per token (see RangedCursor); before, such chunks were not prefetched at all.
+  const bool ranged = kv.num_kv_heads > 1 && kv.k_dim == 1 && kv.k_head < kv.k_token;
   for (int64_t item = begin; item < end; ++item) {
     const int split = static_cast<int>(item % splits);
     const int h = static_cast<int>((item / splits) % hkv);
@@ -53,7 +56,10 @@ static void decode_items(const DecodeParams& p, int64_t begin, int64_t end) {
       sc.hi[r] = ctx;
       load_q_row(p.query, b, static_cast<int64_t>(h) * g + r, d, qscale, sc.q.data() + static_cast<size_t>(r) * d);
     }
-    attend<KT, DC>(job, sc);
+    if (ranged)
+      attend<KT, DC, RangedCursor>(job, sc);
+    else
+      attend<KT, DC>(job, sc);
     if (splits == 1) {
       for (int r = 0; r < g; ++r)
         store_out_row(p.out, b, static_cast<int64_t>(h) * g + r, dv, sc.acc.data() + static_cast<size_t>(r) * dv,

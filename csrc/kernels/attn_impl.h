@@ -86,18 +86,32 @@ static inline vf touch_span(const char* lo, const char* hi, vf sink) {
   return Simd::add(sink, Simd::add(Simd::add(a0, a1), Simd::add(a2, a3)));
 }
 
-// The byte span holding chunk c's K and V when it is dense enough to stream as one range
-// (HND, CPU, dense new tokens); {nullptr, nullptr} otherwise (NHD rows interleave other heads).
-template <class KT>
-static inline void chunk_span(const Chunk<KT>& c, int d, int dv, const char** lo, const char** hi) {
+// A prefetch cursor over chunk c's K and V lines, with `rate` still to set: one byte range
+// when they are dense enough to stream as one (HND, CPU, dense new tokens), else one range
+// per token (in `ranges`, for a RangedCursor only) when each token's K and V of this head lie
+// together (NHD, whose rows interleave the other heads); false otherwise (nothing prefetched).
+template <class KT, class Cur>
+static inline bool chunk_cursor(const Chunk<KT>& c, int d, int dv, Cur* pf, PrefetchRanges* ranges, int64_t* lines) {
   constexpr int64_t es = sizeof(KT);
   const char* k_lo = reinterpret_cast<const char*>(c.k);
-  const char* k_hi = k_lo + ((c.n - 1) * c.k_tok + (d - 1) * c.k_dim + 1) * es;
   const char* v_lo = reinterpret_cast<const char*>(c.v);
-  const char* v_hi = v_lo + ((c.n - 1) * c.v_tok + dv) * es;
-  *lo = std::min(k_lo, v_lo);
-  *hi = std::max(k_hi, v_hi);
-  if (*hi - *lo > 2 * static_cast<int64_t>(c.n) * (d + dv) * es) *lo = *hi = nullptr;
+  const char* lo = std::min(k_lo, v_lo);
+  const char* hi = std::max(k_lo + ((c.n - 1) * c.k_tok + (d - 1) * c.k_dim + 1) * es,
+                            v_lo + ((c.n - 1) * c.v_tok + dv) * es);
+  int64_t count = 1;
+  if (hi - lo > 2 * static_cast<int64_t>(c.n) * (d + dv) * es) {
+    if constexpr (!std::is_same_v<Cur, RangedCursor>) return false;
+    if (c.k_dim != 1 || c.k_tok != c.v_tok) return false;
+    hi = std::max(k_lo + d * es, v_lo + dv * es);
+    if (hi - lo > 2 * static_cast<int64_t>(d + dv) * es) return false;
+    count = c.n;
+    *ranges = {lo, c.k_tok * es, hi - lo, count - 1};
+    if constexpr (std::is_same_v<Cur, RangedCursor>) pf->more = ranges;
+  }
+  pf->next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
+  pf->end = hi;
+  *lines = count * ((hi - pf->next + 63) / 64);
+  return true;
 }
 
 // Touches chunk c's K and V: one span when K and V rows are dense enough (HND, CPU, dense
@@ -275,7 +289,9 @@ static Chunk<float> stage_chunk(const Chunk<KT>& c, int d, int dv, float* kbuf, 
   return stage_v(c, dv, vbuf, f);
 }
 
-template <class KT, int DC>
+// Cur: RangedCursor where the next chunk's lines are one range per token (decode over NHD
+// pages), else PrefetchCursor.
+template <class KT, int DC, class Cur = PrefetchCursor>
 static void attend(const RowJob<KT>& job, Scratch& sc) {
   const int rows = job.rows, d = job.d, dv = job.dv;
   std::fill(sc.acc.begin(), sc.acc.begin() + static_cast<size_t>(rows) * dv, 0.0f);
@@ -304,16 +320,13 @@ static void attend(const RowJob<KT>& job, Scratch& sc) {
     const int n = c.n;
     const int nv = (n + W - 1) / W * W;
     if (!prefetched) sink = touch_chunk(c.k, c.k_tok, c.k_dim, c.v, c.v_tok, n, d, dv, sink);
-    PrefetchCursor pf;
+    Cur pf;
+    PrefetchRanges ranges;  // pf's further ranges, if any: live until the chunk is done
     prefetched = false;
     if (p + n < job.p_hi) {
       const Chunk<KT> next = make_chunk(job, p + n, limit);
-      const char *lo, *hi;
-      chunk_span(next, d, dv, &lo, &hi);
-      if (lo != nullptr) {
-        pf.next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(lo) & ~uintptr_t{63});
-        pf.end = hi;
-        const int64_t lines = (hi - pf.next + 63) / 64;
+      int64_t lines = 0;
+      if (chunk_cursor(next, d, dv, &pf, &ranges, &lines)) {
         // Units of work in this chunk (see PrefetchCursor): per token, one per W-lane vector
         // of V and row tile (P.V) and one per W-lane vector of K (in-place Q.K, either K layout).
         const int row_tiles = staged ? (rows + kRowTile - 1) / kRowTile : 1;

@@ -160,3 +160,29 @@ def test_a_read_and_a_write_running_at_once_cannot_be_cancelled(setup: Setup) ->
     assert done[1].success and done[2].success and not done[3].success
     assert torch.equal(pool[29], stored)
     assert tier.contains([_key(1), _key(3)]) == [True, False]
+
+
+def test_a_queued_read_keeps_its_block_from_a_write_that_evicts(setup: Setup) -> None:
+    # The scheduler offered block 0, the least recently used of a full tier, and its read is
+    # queued behind another; a write-back running meanwhile needs a slot. It must evict
+    # another block, not the one the queued read is for (held from submission to the end).
+    tier, pool, io, gate = setup
+    blocks = torch.arange(64, dtype=torch.uint8).view(64, 1).expand(64, BLOCK).contiguous()
+    for i in range(64):
+        assert tier.write([(_key(i), blocks[i].numpy().data)]) == [True]
+    assert tier.capacity_blocks == 64 and all(tier.contains([_key(i) for i in range(64)]))
+    io.read(1, [_key(63)], [10])  # held in the tier: the read after it waits in the queue
+    gate.wait_first()
+    io.read(2, [_key(0)], [11])
+    io.write(3, [_key(500)], [3])
+    seen: dict[int, TierResult] = {}
+    assert _wait_for(io, 3, seen).success  # while both reads wait
+    assert tier.contains([_key(0), _key(1), _key(500)]) == [True, False, True]  # block 1 made room
+    gate.open()
+    done = {**seen, **_done(io)}
+    assert done[1].success and done[2].success
+    assert torch.equal(pool[11], blocks[0]) and torch.equal(pool[10], blocks[63])
+    # Released once read: 64 new blocks evict every old one, block 0 included.
+    for i in range(64):
+        assert tier.write([(_key(1000 + i), blocks[i].numpy().data)]) == [True]
+    assert not any(tier.contains([_key(i) for i in (*range(64), 500)]))

@@ -100,6 +100,15 @@ class BlockTier(ABC):
     def refresh(self) -> None:
         """Pick up blocks other processes stored in a shared medium. Default: nothing to do."""
 
+    def hold(self, keys: Sequence[bytes]) -> None:
+        """A read of ``keys`` is queued: until :meth:`release`, a write must not make room by
+        evicting them (the scheduler offered them; evicted, their promotion fails and the
+        request recomputes). Called once per queued read, each matched by one ``release``.
+        Default: nothing (a tier that does not evict its own blocks, e.g. a remote store)."""
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """The read queued with :meth:`hold` has ended. Default: nothing."""
+
     def close(self) -> None:
         """Release threads, files and locks. Default: nothing to release. Idempotent."""
 

@@ -143,6 +143,8 @@ class DiskTier(SegmentSet, BlockTier):
         self._retired: list[Segment] = []  # unlinked/replaced under us: closed by close() only
         self._free: list[Loc] = []
         self._pins: dict[tuple[str, int], int] = {}
+        #: key -> the slots pinned for its queued reads (see hold)
+        self._held: dict[bytes, list[Loc]] = {}
         self._writing: set[bytes] = set()
         self._unusable: set[str] = set()  # segment names that are symlinks or not safe files
         self._warned = {"write": False, "read": False}
@@ -241,6 +243,29 @@ class DiskTier(SegmentSet, BlockTier):
             return replace(self._stats)
 
     # -- slots ---------------------------------------------------------------------------------
+
+    def hold(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                loc = self._index.get(key)
+                if loc is not None:
+                    pin = (loc.seg.stem, loc.slot)
+                    self._pins[pin] = self._pins.get(pin, 0) + 1
+                    self._held.setdefault(key, []).append(loc)
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                held = self._held.get(key)
+                if not held:
+                    continue  # not held when its read was queued
+                loc = held.pop()
+                if not held:
+                    del self._held[key]
+                pin = (loc.seg.stem, loc.slot)
+                self._pins[pin] -= 1
+                if not self._pins[pin]:
+                    del self._pins[pin]
 
     def _pinned(self, loc: Loc) -> bool:
         return self._pins.get((loc.seg.stem, loc.slot), 0) > 0

@@ -4,7 +4,6 @@ what its workers wrote there, and which blocks it no longer offers from them."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -60,33 +59,6 @@ class LowerTier:
     #: another engine's blocks, converted on load (:mod:`kv_offload.vllm.imports`): never
     #: written, and counted as imports besides their medium's hits
     imported: bool = False
-    #: blocks of this tier's write-backs, and of its promotions, not settled yet (see at_risk)
-    writing: int = 0
-    promoting: int = 0
-    _risk: frozenset[bytes] | None = field(default=None, repr=False)
-
-    def flight(self, writeback: bool, n: int) -> None:
-        """``n`` blocks of a write-back (or a promotion) were planned (< 0: settled)."""
-        if writeback:
-            self.writing += n
-        else:
-            self.promoting += n
-        self._risk = None
-
-    def at_risk(self, key: bytes) -> bool:
-        """A write-back not settled yet may evict ``key`` before a promotion could read it.
-        A full tier evicts its least recently written or promoted blocks: the front of
-        ``written``, behind any of ours it dropped from that record (``gone``, which the
-        index may list again after a refresh). A write-back of k blocks takes the first k
-        there, moved back by at most one per promoted block whose read ran (or is held)
-        before it. Found by the halves soak: blocks offered 2 to 8 ms after a write-back
-        evicted them, before that write settled; the worker's hold on queued reads
-        (:meth:`~kv_offload.tiers.base.BlockTier.hold`) covers the time after the offer."""
-        if not self.writing or not getattr(self.index, "capacity_blocks", None):
-            return False
-        if self._risk is None:
-            self._risk = frozenset(itertools.islice(self.written, self.writing + self.promoting))
-        return key in self._risk or key in self.gone
 
     @property
     def medium(self) -> str:
@@ -113,7 +85,6 @@ class LowerTier:
         promoted first, see :meth:`read`) and, where the index knows the tier's
         ``capacity_blocks``, no more blocks than that: a block written before the last that
         many is one the full tier evicted (``gone``). Without a capacity: ``bound`` blocks."""
-        self._risk = None
         for key in keys:
             self.written[key] = now
             self.written.move_to_end(key)
@@ -130,7 +101,6 @@ class LowerTier:
 
     def read(self, keys: Sequence[bytes]) -> None:
         """``keys`` were promoted from the tier: the most recently used there now."""
-        self._risk = None
         for key in keys:
             if key in self.written:
                 self.written.move_to_end(key)

@@ -204,7 +204,7 @@ class SchedulerHalf:
     def _tier_run(tier: LowerTier, keys: Sequence[bytes]) -> int | None:
         """How many leading ``keys`` ``tier`` holds (``None``: not known yet)."""
         n = 0
-        while n < len(keys) and tier.ours(keys[n]) and not tier.refuses(keys[n]) and not tier.at_risk(keys[n]):
+        while n < len(keys) and tier.ours(keys[n]) and not tier.refuses(keys[n]):
             n += 1  # ours, written since the index last looked: known without asking
         if n == len(keys):
             return n
@@ -212,7 +212,7 @@ class SchedulerHalf:
         if held is None:
             return None
         for key, there in zip(keys[n:], held):
-            if not (there or tier.ours(key)) or tier.refuses(key) or tier.evicted(key) or tier.at_risk(key):
+            if not (there or tier.ours(key)) or tier.refuses(key) or tier.evicted(key):
                 break
             n += 1
         return n
@@ -296,8 +296,6 @@ class SchedulerHalf:
     def _new_job(self, kind: _Kind, keys: tuple[bytes, ...], device_blocks: tuple[int, ...], tier: str = "") -> int:
         job_id = self._last_job_id = next(self._job_ids)
         self._jobs[job_id] = _Job(kind, keys, device_blocks, tier=tier, deadline=self._clock() + self.backstop_s)
-        if tier:  # a promotion or a write-back: in flight until _settle (see LowerTier.at_risk)
-            self.tiers[tier].flight(kind is _Kind.WRITEBACK, len(keys))
         return job_id
 
     def on_finished(self, request: RequestView) -> None:
@@ -475,7 +473,6 @@ class SchedulerHalf:
             # blocks like any stored one. A failed promotion frees the slots; the tier's
             # copy is not trusted again by this scheduler until it is written anew.
             tier = self.tiers[job.tier]
-            tier.flight(False, -len(job.keys))
             if job.keys:
                 self.manager.complete_store(job.keys, job.success)
             counters.load_jobs += 1
@@ -513,7 +510,6 @@ class SchedulerHalf:
                     forget(job.keys)
         elif job.kind is _Kind.WRITEBACK:
             tier = self.tiers[job.tier]
-            tier.flight(True, -len(job.keys))
             self.manager.unpin(job.keys)
             if job.success:
                 counters.written_back_blocks += len(job.keys)

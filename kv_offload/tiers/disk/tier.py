@@ -128,6 +128,9 @@ class DiskTier(SegmentSet, BlockTier):
         # as many segments as the target size asks for, sized to split the capacity evenly
         self.max_segments = max(1, -(-self.capacity_blocks // max(1, target // block_bytes)))
         self.slots_per_segment = max(1, self.capacity_blocks // self.max_segments)
+        # what the segments hold: the whole blocks of capacity_bytes that split evenly (the
+        # scheduler's record of this tier models exactly this many)
+        self.capacity_blocks = self.max_segments * self.slots_per_segment
         self.fault_hook = fault_hook
         self._policy = POLICIES.resolve(policy)(self.capacity_blocks) if isinstance(policy, str) else policy
         self._pid = os.getpid()

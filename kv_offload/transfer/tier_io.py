@@ -55,7 +55,8 @@ class TierResult:
     error: str | None = None
 
 
-_Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], float]
+#: job id, kind, keys, slots, keys to remove first (a write's), when submitted
+_Item = tuple[int, TierOp, tuple[bytes, ...], tuple[int, ...], tuple[bytes, ...], float]
 #: A test hook run on the tier thread before each job (it may sleep or raise: see
 #: :mod:`kv_offload.testing.faults`); never set outside tests.
 TierFaultHook = Callable[[int, TierOp], None]
@@ -97,17 +98,21 @@ class TierIO:
     def read(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int]) -> None:
         self._put(job_id, TierOp.READ, keys, slots)
 
-    def write(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int]) -> None:
-        self._put(job_id, TierOp.WRITE, keys, slots)
+    def write(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int], evict: Sequence[bytes] = ()) -> None:
+        """Write the slots' blocks under ``keys``, after removing the blocks ``evict`` from the
+        tier (room the caller makes for them; the tier then evicts nothing of its own choosing
+        unless it is fuller than the caller knows)."""
+        self._put(job_id, TierOp.WRITE, keys, slots, evict)
 
-    def _put(self, job_id: int, op: TierOp, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+    def _put(self, job_id: int, op: TierOp, keys: Sequence[bytes], slots: Sequence[int],
+             evict: Sequence[bytes] = ()) -> None:  # fmt: skip
         if len(keys) != len(slots):
             raise ValueError(f"tier job {job_id}: {len(keys)} keys but {len(slots)} slots")
         n = self._slots.shape[0]
         bad = [s for s in slots if not 0 <= int(s) < n]
         if bad:
             raise ValueError(f"tier job {job_id}: slot {bad[0]} out of range [0, {n})")
-        item = (job_id, op, tuple(keys), tuple(int(s) for s in slots), time.perf_counter())
+        item = (job_id, op, tuple(keys), tuple(int(s) for s in slots), tuple(evict), time.perf_counter())
         if op is TierOp.READ:
             # Held from now until the read ends: a write-back running meanwhile on the other
             # thread must not evict them to make room (it did, in the halves soak: a block the
@@ -140,9 +145,9 @@ class TierIO:
             self._execute(item)
 
     def _execute(self, item: _Item) -> None:
-        job_id, op, keys, slots, submitted = item
+        job_id, op, keys, slots, evict, submitted = item
         try:
-            success, error = self._run_one(job_id, op, keys, slots)
+            success, error = self._run_one(job_id, op, keys, slots, evict)
         finally:
             if op is TierOp.READ:
                 self.tier.release(keys)
@@ -156,7 +161,8 @@ class TierIO:
             self._pending -= 1
             self._cond.notify_all()
 
-    def _run_one(self, job_id: int, op: TierOp, keys: tuple[bytes, ...], slots: tuple[int, ...]) -> tuple[bool, str | None]:
+    def _run_one(self, job_id: int, op: TierOp, keys: tuple[bytes, ...], slots: tuple[int, ...],
+                 evict: tuple[bytes, ...]) -> tuple[bool, str | None]:  # fmt: skip
         """One job; whatever it raises becomes its failure (the thread never dies of a job)."""
         try:
             with self._cond:
@@ -177,6 +183,8 @@ class TierIO:
                     for i, good in zip(again, self.tier.read([keys[i] for i in again], [views[i] for i in again])):
                         ok[i] = good
             else:
+                if evict:  # after the writes queued before it (they may have written them)
+                    self.tier.remove(evict)
                 ok = self.tier.write(list(zip(keys, views)))
             if all(ok):
                 return True, None

@@ -36,6 +36,8 @@ class Job:
     success: bool = True
     #: the lower tier of a promotion or write-back
     tier: str = ""
+    #: a write-back: the tier's blocks removed first, to make room (``LowerTier.plan_write``)
+    evict: tuple[bytes, ...] = ()
     #: when the scheduler stops waiting for its reports (monotonic seconds)
     deadline: float = float("inf")
     #: counted as timed out (by a worker, or by the scheduler's backstop)

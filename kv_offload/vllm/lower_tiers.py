@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kv_offload.manager import OffloadManager
 
-__all__ = ["REMOTE_RETRY_S", "TIER_ORDER", "LowerTier", "TierIndex"]
+__all__ = ["PENDING", "REMOTE_RETRY_S", "TIER_ORDER", "LowerTier", "TierIndex"]
 
 #: the lower tiers, top to bottom: a block is looked up in this order below the pool
 TIER_ORDER = ("disk", "remote")
 #: seconds before a block whose promotion from the remote tier failed is offered again
 REMOTE_RETRY_S = 30.0
+#: the time of a write or eviction planned and not yet settled, in ``LowerTier.written`` and
+#: ``LowerTier.gone``: later than any refresh of the index, so the record decides until it settles
+PENDING = float("inf")
 
 
 class TierIndex(Protocol):
@@ -38,13 +41,15 @@ class LowerTier:
     index: TierIndex
     #: completed stores are written through to it
     write: bool = True
-    #: blocks our workers wrote there -> when the write settled (monotonic). The index may
+    #: blocks our workers wrote there -> when the write settled (monotonic; ``PENDING`` while
+    #: a planned write-back runs, see :meth:`plan_write`). The index may
     #: learn of them only later, so they are offered meanwhile; once an index that re-reads
     #: the tier (the disk's: ``refreshed_at``) has done so since, the index decides: the tier
     #: may have evicted them (found by the soak: a disk smaller than this record).
     written: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
     #: the other side of ``written``: blocks it dropped because the tier, full, evicted them
-    #: since (see :meth:`wrote`) -> when. Until the index re-reads the tier after that, they
+    #: since (see :meth:`plan_write`) -> when (``PENDING`` until the write-back that removes
+    #: them settles). Until the index re-reads the tier after that, they
     #: are not offered even if the index still lists them (the soak's 128-block disk: a
     #: promotion of a block evicted since the last 2 s refresh failed, and recomputed).
     gone: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
@@ -79,18 +84,74 @@ class LowerTier:
         seen = getattr(self.index, "refreshed_at", None)
         return seen is None or when > seen
 
+    @property
+    def capacity(self) -> int | None:
+        """Blocks the tier holds at most, where its index says (the disk's ``capacity_blocks``)."""
+        return getattr(self.index, "capacity_blocks", None) or None
+
+    def plan_write(self, keys: Sequence[bytes], busy: Collection[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """A write-back of ``keys`` (none of them in the record) is planned now: returns the
+        keys to write and the blocks of ours the worker removes first to make room for them.
+
+        Where the tier's capacity is known, the scheduler chooses the evictions, not the tier
+        (found by the soak: a write-back running on the worker's full disk evicted blocks the
+        scheduler had offered meanwhile, from a record that learnt of the write only when it
+        settled, and their promotions failed). The record takes the keys at once and drops
+        its least recently written or promoted blocks, except those ``busy`` (a promotion in
+        flight reads them), into ``gone``: never offered again until an index refresh after
+        the write-back settled. The tier then has room without evicting anything itself. What
+        finds no room (the record's front is busy) waits for a later write-back. Without a
+        capacity: every key, nothing removed (the record learns of them when they settle)."""
+        capacity = self.capacity
+        if capacity is None:
+            return list(keys), []
+        need = len(self.written) + len(keys) - capacity
+        victims: list[bytes] = []
+        if need > 0:
+            for key in self.written:  # least recently used first
+                if key not in busy:
+                    victims.append(key)
+                    if len(victims) == need:
+                        break
+        take = list(keys[: max(0, min(len(keys), capacity - len(self.written) + len(victims)))])
+        for key in victims:
+            del self.written[key]
+            self.gone[key] = PENDING
+            self.gone.move_to_end(key)
+        for key in take:
+            self.written[key] = PENDING  # pinned in the pool until it settles: served from there
+            self.gone.pop(key, None)
+            self.failed.pop(key, None)
+        return take, victims
+
+    def settle_write(self, keys: Sequence[bytes], evicted: Sequence[bytes], success: bool, now: float,
+                     bound: int) -> None:  # fmt: skip
+        """The write-back of ``keys`` (after removing ``evicted``) settled at ``now``."""
+        for key in evicted:
+            if self.gone.get(key) == PENDING:
+                self.gone[key] = now
+        if success:
+            self.wrote(keys, now, bound)
+            return
+        for key in keys:  # some may be there: the index says so after its next refresh
+            if self.written.get(key) == PENDING:
+                del self.written[key]
+
     def wrote(self, keys: Sequence[bytes], now: float, bound: int) -> None:
         """Our workers wrote ``keys`` there (settled at ``now``). The record keeps the order
-        in which the worker's LRU tier evicts its own blocks (least recently written or
-        promoted first, see :meth:`read`) and, where the index knows the tier's
-        ``capacity_blocks``, no more blocks than that: a block written before the last that
-        many is one the full tier evicted (``gone``). Without a capacity: ``bound`` blocks."""
+        in which the blocks were written or promoted (see :meth:`read`), the order evictions
+        follow, and, where the index knows the tier's ``capacity_blocks``, no more blocks
+        than that (:meth:`plan_write` placed them already). Without a capacity: ``bound``
+        blocks."""
         for key in keys:
+            if self.written.get(key) == PENDING:
+                self.written[key] = now  # in place since it was planned
+                continue
             self.written[key] = now
             self.written.move_to_end(key)
             self.gone.pop(key, None)
             self.failed.pop(key, None)  # written anew from a good pool copy
-        capacity = getattr(self.index, "capacity_blocks", None)
+        capacity = self.capacity
         while len(self.written) > (capacity or bound):
             key, _ = self.written.popitem(last=False)
             if capacity:
@@ -104,6 +165,19 @@ class LowerTier:
         for key in keys:
             if key in self.written:
                 self.written.move_to_end(key)
+
+    def read_failed(self, keys: Sequence[bytes], bound: int) -> None:
+        """A promotion of ``keys`` from the tier failed: not offered from it again (see ``failed``)."""
+        now = time.monotonic()
+        for key in keys:
+            self.written.pop(key, None)
+            self.failed[key] = now
+            self.failed.move_to_end(key)
+        while len(self.failed) > bound:
+            self.failed.popitem(last=False)
+        forget = getattr(self.index, "forget", None)
+        if forget is not None:
+            forget(keys)
 
     def refuses(self, key: bytes) -> bool:
         when = self.failed.get(key)

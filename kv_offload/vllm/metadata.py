@@ -38,6 +38,9 @@ class JobSpec:
     #: an import's promotion (tier ``disk.import0``, ...): per block, the producer keys it is
     #: converted from, joined (see :mod:`kv_offload.vllm.imports`)
     sources: tuple[bytes, ...] = ()
+    #: a write-back: the blocks of ours the worker removes from the tier before writing, to
+    #: make room (the scheduler chooses them: the tier itself evicts nothing it may offer)
+    evict: tuple[bytes, ...] = ()
 
 
 @dataclass

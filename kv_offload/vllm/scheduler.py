@@ -27,9 +27,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kv_offload.config import OffloadConfig
 from kv_offload.keys import DIGEST_BYTES, ExtraKeys, KeyChain
@@ -339,14 +339,21 @@ class SchedulerHalf:
     def _plan_writebacks(self) -> tuple[JobSpec, ...]:
         """Write settled stores through to each lower tier: their pool slots stay pinned (not
         evicted nor reused) from the store's settling (:meth:`LowerTier.enqueue`) until the
-        write-back settles."""
+        write-back settles. The blocks it removes to make room are chosen here, among those
+        no promotion in flight reads (:meth:`LowerTier.plan_write`)."""
         jobs = []
         for tier in self.tiers.values():
             if not tier.queue:
                 continue
-            queued, tier.queue = tier.queue, {}
-            job_id = self._new_job(_Kind.WRITEBACK, tuple(queued), (), tier.name)
-            jobs.append(JobSpec(job_id, (), tuple(queued.values()), None, tuple(queued), tier=tier.name))
+            jobs_now = itertools.chain(self._jobs.values(), self._quarantine.values())
+            busy = {k for job in jobs_now if job.kind is _Kind.PROMOTE and job.tier == tier.name for k in job.keys}
+            keys, victims = tier.plan_write(tuple(tier.queue), busy)
+            if not keys:
+                continue  # no room yet: the next step tries again
+            slots = tuple(tier.queue.pop(key) for key in keys)
+            job_id = self._new_job(_Kind.WRITEBACK, tuple(keys), (), tier.name)
+            self._jobs[job_id].evict = tuple(victims)
+            jobs.append(JobSpec(job_id, (), slots, None, tuple(keys), tier=tier.name, evict=tuple(victims)))
         return tuple(jobs)
 
     def _plan_store(self, s: ScheduledRequest) -> JobSpec | None:
@@ -501,16 +508,11 @@ class SchedulerHalf:
                     counters.remote_failed_promotes += 1
                 if tier.imported:
                     counters.failed_imports += 1
-                for key in job.keys:
-                    tier.written.pop(key, None)
-                    tier.failed[key] = time.monotonic()
-                self._bound(tier.failed)
-                forget = getattr(tier.index, "forget", None)
-                if forget is not None:
-                    forget(job.keys)
+                tier.read_failed(job.keys, self._limit)
         elif job.kind is _Kind.WRITEBACK:
             tier = self.tiers[job.tier]
             self.manager.unpin(job.keys)
+            tier.settle_write(job.keys, job.evict, job.success, time.monotonic(), self._limit)
             if job.success:
                 counters.written_back_blocks += len(job.keys)
                 nbytes = len(job.keys) * self.manager.block_bytes
@@ -518,7 +520,6 @@ class SchedulerHalf:
                     counters.disk_written_bytes += nbytes
                 else:
                     counters.remote_written_bytes += nbytes
-                tier.wrote(job.keys, time.monotonic(), self._limit)
             else:
                 counters.failed_writebacks += 1
                 if tier.medium == "remote":
@@ -539,10 +540,6 @@ class SchedulerHalf:
     def _limit(self) -> int:
         """How many keys a tier's records keep at most."""
         return max(1024, 4 * self.manager.num_slots)
-
-    def _bound(self, keys: OrderedDict[bytes, Any]) -> None:
-        while len(keys) > self._limit:
-            keys.popitem(last=False)
 
     # -- maintenance ---------------------------------------------------------------------
     def reset(self) -> int:

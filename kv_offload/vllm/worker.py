@@ -284,7 +284,7 @@ class WorkerHalf:
                 del self._writebacks[job.job_id]
             else:
                 self._start_clock(job.job_id)
-                io.write(job.job_id, job.keys, job.slots)
+                io.write(job.job_id, job.keys, job.slots, job.evict)
 
     def _start_clock(self, job_id: int) -> None:
         now = time.monotonic()

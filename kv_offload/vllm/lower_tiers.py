@@ -90,7 +90,7 @@ class LowerTier:
         return getattr(self.index, "capacity_blocks", None) or None
 
     def plan_write(self, keys: Sequence[bytes], busy: Collection[bytes]) -> tuple[list[bytes], list[bytes]]:
-        """A write-back of ``keys`` (none of them in the record) is planned now: returns the
+        """A write-back of ``keys`` is planned now: returns the
         keys to write and the blocks of ours the worker removes first to make room for them.
 
         Where the tier's capacity is known, the scheduler chooses the evictions, not the tier
@@ -105,21 +105,30 @@ class LowerTier:
         capacity = self.capacity
         if capacity is None:
             return list(keys), []
-        need = len(self.written) + len(keys) - capacity
+        writing = set(keys)  # some may be in the record: written anew after a failed promotion
+        need = len(self.written) + len(writing - self.written.keys()) - capacity
         victims: list[bytes] = []
         if need > 0:
             for key in self.written:  # least recently used first
-                if key not in busy:
+                if key not in busy and key not in writing:
                     victims.append(key)
                     if len(victims) == need:
                         break
-        take = list(keys[: max(0, min(len(keys), capacity - len(self.written) + len(victims)))])
+        room = capacity - len(self.written) + len(victims)
+        take: list[bytes] = []
+        for key in keys:
+            if key not in self.written:
+                if room <= 0:
+                    break
+                room -= 1
+            take.append(key)
         for key in victims:
             del self.written[key]
             self.gone[key] = PENDING
             self.gone.move_to_end(key)
         for key in take:
             self.written[key] = PENDING  # pinned in the pool until it settles: served from there
+            self.written.move_to_end(key)
             self.gone.pop(key, None)
             self.failed.pop(key, None)
         return take, victims
@@ -127,15 +136,25 @@ class LowerTier:
     def settle_write(self, keys: Sequence[bytes], evicted: Sequence[bytes], success: bool, now: float,
                      bound: int) -> None:  # fmt: skip
         """The write-back of ``keys`` (after removing ``evicted``) settled at ``now``."""
-        for key in evicted:
-            if self.gone.get(key) == PENDING:
-                self.gone[key] = now
         if success:
+            for key in evicted:
+                if self.gone.get(key) == PENDING:
+                    self.gone[key] = now
             self.wrote(keys, now, bound)
             return
-        for key in keys:  # some may be there: the index says so after its next refresh
-            if self.written.get(key) == PENDING:
-                del self.written[key]
+        # Failed, or cancelled before it ran: which blocks it removed or wrote is unknown. The
+        # record keeps counting them all (it must never count fewer blocks than the tier holds
+        # of ours, see read_failed) and offers none; the evictions go back to its front.
+        ours = [key for key in keys if self.written.get(key) == PENDING]
+        back = [key for key in evicted if self.gone.get(key) == PENDING and key not in self.written]
+        for key in back:
+            del self.gone[key]
+            self.written[key] = now
+        for key in reversed(back):
+            self.written.move_to_end(key, last=False)
+        for key in ours:
+            self.written[key] = now
+        self._refuse(ours + back, now, bound)
 
     def wrote(self, keys: Sequence[bytes], now: float, bound: int) -> None:
         """Our workers wrote ``keys`` there (settled at ``now``). The record keeps the order
@@ -167,17 +186,26 @@ class LowerTier:
                 self.written.move_to_end(key)
 
     def read_failed(self, keys: Sequence[bytes], bound: int) -> None:
-        """A promotion of ``keys`` from the tier failed: not offered from it again (see ``failed``)."""
-        now = time.monotonic()
+        """A promotion of ``keys`` from the tier failed: not offered from it again (see
+        ``failed``) until written anew. A tier with a known capacity keeps them in the record,
+        since they may still take room there (a promotion fails in its second leg too), and
+        the record must never count fewer blocks than the tier holds of ours (the tier would
+        then evict by itself, maybe a block the scheduler offers); they leave it in LRU order,
+        as evictions (removing a block already gone is harmless)."""
+        if self.capacity is None:
+            for key in keys:
+                self.written.pop(key, None)
+        self._refuse(keys, time.monotonic(), bound)
+        forget = getattr(self.index, "forget", None)
+        if forget is not None:
+            forget(keys)
+
+    def _refuse(self, keys: Sequence[bytes], now: float, bound: int) -> None:
         for key in keys:
-            self.written.pop(key, None)
             self.failed[key] = now
             self.failed.move_to_end(key)
         while len(self.failed) > bound:
             self.failed.popitem(last=False)
-        forget = getattr(self.index, "forget", None)
-        if forget is not None:
-            forget(keys)
 
     def refuses(self, key: bytes) -> bool:
         when = self.failed.get(key)
@@ -194,9 +222,10 @@ class LowerTier:
     def enqueue(self, keys: Sequence[bytes], pool: OffloadManager) -> int:
         """Pin the pool blocks ``keys`` for their write-through now, as their store settles:
         nothing evicts them before it starts (a step's stores and promotions take pool room
-        before its write-backs are planned). Blocks the tier holds already are left out;
-        returns how many were gone from the pool already (not written through)."""
-        due = [k for k in dict.fromkeys(keys) if k not in self.written and k not in self.queue]
+        before its write-backs are planned). Blocks the tier holds already are left out,
+        unless their promotion failed (written anew from this good copy); returns how many
+        were gone from the pool already (not written through)."""
+        due = [k for k in dict.fromkeys(keys) if (k not in self.written or k in self.failed) and k not in self.queue]
         ready = pool.pinnable(due)
         self.queue.update(zip(ready, pool.pin(ready)))
         return len(due) - len(ready)

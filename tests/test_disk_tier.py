@@ -128,6 +128,35 @@ def test_remove(tmp_path: object) -> None:
         assert t.contains([key(1), key(2)]) == [False, True]
 
 
+def test_evict_drops_only_our_own_unheld_blocks(tmp_path: object) -> None:
+    """``evict`` (room the connector's scheduler chose) never drops another live instance's
+    block, which ``remove`` would, nor one whose read is queued (held)."""
+    root = str(tmp_path)
+    with tier(root, threads=1) as other, tier(root, threads=1) as ours:
+        write(other, [key(1)])
+        write(ours, [key(2), key(3)])
+        ours.refresh()  # now it indexes key(1), in a segment it does not own
+        assert ours.contains([key(1), key(2), key(3)]) == [True, True, True]
+        ours.hold([key(3)])
+        ours.evict([key(1), key(2), key(3), key(4), key(2)])
+        assert ours.contains([key(1), key(2), key(3)]) == [True, False, True]
+        assert other.contains([key(1)]) == [True] and read_back(other, [key(1)])[0] == [True]
+        assert ours.stats().evictions == 1
+        ours.release([key(3)])
+        ours.evict([key(3)])
+        assert ours.contains([key(3)]) == [False] and ours.stats().evictions == 2
+
+
+def test_evicted_room_is_written_without_the_tier_choosing_victims(tmp_path: object) -> None:
+    with tier(str(tmp_path), blocks=4, threads=1) as t:
+        write(t, [key(i) for i in range(4)])  # full
+        t.evict([key(2), key(0)])
+        assert write(t, [key(10), key(11)]) == [True, True]
+        # key(1), the least recently used now, was not evicted by the write: the room was made.
+        assert t.contains([key(i) for i in (0, 1, 2, 3, 10, 11)]) == [False, True, False, True, True, True]
+        assert t.stats().evictions == 2
+
+
 @pytest.mark.parametrize("where", ["body", "entry"])
 def test_corruption_is_a_counted_miss_and_removed_nothing_else_affected(tmp_path: object, where: str,
                                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip

@@ -109,6 +109,12 @@ class BlockTier(ABC):
     def release(self, keys: Sequence[bytes]) -> None:
         """The read queued with :meth:`hold` has ended. Default: nothing."""
 
+    def evict(self, keys: Sequence[bytes]) -> None:
+        """Make room before a write by dropping those of ``keys`` that are this instance's to
+        evict (the connector's scheduler chooses them, so that the tier never evicts a block
+        it may have offered). Unlike :meth:`remove`, never drops a block another process
+        stored nor one held by :meth:`hold`. Default: nothing (the tier makes room itself)."""
+
     def close(self) -> None:
         """Release threads, files and locks. Default: nothing to release. Idempotent."""
 

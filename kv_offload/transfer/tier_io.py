@@ -99,9 +99,9 @@ class TierIO:
         self._put(job_id, TierOp.READ, keys, slots)
 
     def write(self, job_id: int, keys: Sequence[bytes], slots: Sequence[int], evict: Sequence[bytes] = ()) -> None:
-        """Write the slots' blocks under ``keys``, after removing the blocks ``evict`` from the
-        tier (room the caller makes for them; the tier then evicts nothing of its own choosing
-        unless it is fuller than the caller knows)."""
+        """Write the slots' blocks under ``keys``, after evicting the blocks ``evict`` from the
+        tier (:meth:`BlockTier.evict`: room the caller makes for them; the tier then evicts
+        nothing of its own choosing unless it is fuller than the caller knows)."""
         self._put(job_id, TierOp.WRITE, keys, slots, evict)
 
     def _put(self, job_id: int, op: TierOp, keys: Sequence[bytes], slots: Sequence[int],
@@ -184,7 +184,7 @@ class TierIO:
                         ok[i] = good
             else:
                 if evict:  # after the writes queued before it (they may have written them)
-                    self.tier.remove(evict)
+                    self.tier.evict(evict)
                 ok = self.tier.write(list(zip(keys, views)))
             if all(ok):
                 return True, None

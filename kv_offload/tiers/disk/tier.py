@@ -536,29 +536,35 @@ class DiskTier(SegmentSet, BlockTier):
             return seg.owned or seg.unowned()
 
     def remove(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._remove(keys)
+
+    def evict(self, keys: Sequence[bytes]) -> None:
+        """Drop those of ``keys`` in segments this instance owns whose reads are not held
+        (see :meth:`BlockTier.evict`); counted as evictions."""
+        self._remove(list(dict.fromkeys(keys)), evicting=True)
+
+    def _remove(self, keys: Sequence[bytes], evicting: bool = False) -> list[bool]:
         if not self._enter():
             return [False] * len(keys)
         try:
-            return self._remove(keys)
-        finally:
-            self._leave()
-
-    def _remove(self, keys: Sequence[bytes]) -> list[bool]:
-        with self._lock:
-            locs = [self._index.pop(k, None) for k in keys]
+            with self._lock:
+                locs = [self._index.pop(k, None) if not evicting or self._evictable(k) else None for k in keys]
+                self._stats.evictions += sum(loc is not None for loc in locs) if evicting else 0
+                for k, loc in zip(keys, locs):
+                    if loc is not None:
+                        self._policy.remove(k)
             for k, loc in zip(keys, locs):
                 if loc is not None:
-                    self._policy.remove(k)
-        for k, loc in zip(keys, locs):
-            if loc is not None:
-                try:
-                    loc.seg.clear(loc.slot, k)  # waits for our own readers of the slot
-                except OSError as e:
-                    with self._lock:
-                        self._warn_once("write", e)
-        with self._lock:
-            self._free.extend(loc for loc in locs if loc is not None and loc.seg.owned)
-        return [loc is not None for loc in locs]
+                    try:
+                        loc.seg.clear(loc.slot, k)  # waits for our own readers of the slot
+                    except OSError as e:
+                        with self._lock:
+                            self._warn_once("write", e)
+            with self._lock:
+                self._free.extend(loc for loc in locs if loc is not None and loc.seg.owned)
+            return [loc is not None for loc in locs]
+        finally:
+            self._leave()
 
     def close(self) -> None:
         """Wait for the calls in flight (on I/O threads or inline on callers' threads), then

@@ -21,8 +21,9 @@ Summary fields at the top level of the JSON (besides the rows): ``bandwidth_frac
 dtype, min over decode configs with context >= 8K), ``speedup_vs_sdpa``, ``speedup_vs_vllm``
 and ``prefill_speedup_vs_sdpa`` (mins over their rows); see :func:`summarize`.
 
-KV is "cold": each call reads a different copy of the KV, rotating over >= 256 MiB, so calls
-do not hit the last-level cache (like successive layers). Times are medians of single calls.
+KV is "cold": each call reads a different copy of the KV, rotating over 256 MiB or 4x the
+last-level cache (the larger), so calls do not hit it (like successive layers). Times are
+medians of single calls.
 Prefill: one sequence, 512 new tokens after a cached prefix of 0 or 2048, against SDPA with a
 causal (bottom-right) mask on the same data.
 
@@ -66,6 +67,24 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def llc_mib() -> float:
+    """The last-level cache of this CPU, in MiB (0 if the kernel does not say)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = 0.0
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(f"{base}/{entry}/size") as f:
+                    size = f.read().strip()
+            except OSError:
+                continue
+            scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(size[-1:], 1 / (1 << 20))
+            best = max(best, float(size.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return best
 
 
 def median_time(fns: list[Callable[[], object]], min_time: float, min_calls: int) -> float:
@@ -283,7 +302,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--isa", default=None, help="force a kernel path (default: auto / env)")
     parser.add_argument("--max-kv-gib", type=float, default=2.0, help="drop configs with more KV than this")
-    parser.add_argument("--cold-mib", type=float, default=256.0, help="rotate over this much KV")
+    parser.add_argument("--cold-mib", type=float, default=None,
+                        help="rotate over this much KV (default: 256 MiB or 4x the last-level cache, the larger)")
     parser.add_argument("--min-time", type=float, default=None)
     parser.add_argument("--min-calls", type=int, default=10)
     parser.add_argument("--no-vllm", action="store_true")
@@ -315,10 +335,13 @@ def main() -> None:
     contexts = [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]
     vops = None if args.no_vllm else load_vllm()
     isa = resolve_isa(args.isa)
-    base = ReadBaseline(0.5 if args.quick else 1.0, isa)
+    llc = llc_mib()
+    if args.cold_mib is None:  # cold means out of the LLC: 260 MiB on a 2-vCPU Emerald Rapids VM
+        args.cold_mib = max(256.0, 4 * llc)
+    base = ReadBaseline(max(0.5 if args.quick else 1.0, 4 * llc / 1024), isa)
     result: dict[str, Any] = {
         "machine": {
-            "cpu": cpu_model(), "threads": torch.get_num_threads(), "isa_path": available_isas()[0] if isa == "auto" else isa,
+            "cpu": cpu_model(), "llc_mib": llc, "threads": torch.get_num_threads(), "isa_path": available_isas()[0] if isa == "auto" else isa,
             "available_isas": available_isas(), "torch": torch.__version__,
             "vllm": getattr(__import__("vllm"), "__version__", None) if vops is not None else None,
             "loadavg_start": list(os.getloadavg()),

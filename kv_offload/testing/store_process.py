@@ -84,6 +84,26 @@ def _kill_leftovers() -> None:
             pass  # the interpreter is exiting: SIGKILL was sent, nothing else can be done
 
 
+def _wait_stopped(pgid: int, timeout_s: float = 5.0) -> None:
+    """Until every thread of every process in group ``pgid`` is stopped (or ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        running = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
+                        continue
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        running = running or f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X")
+            except (OSError, IndexError, ValueError):
+                continue  # it exited meanwhile
+        if not running:
+            return
+        time.sleep(0.002)
+
+
 class ManagedProcess:
     """One server process in its own process group, output to ``log_path``.
 
@@ -138,9 +158,14 @@ class ManagedProcess:
             pass
 
     def pause(self) -> None:
-        """SIGSTOP the process group: the server keeps its sockets open but answers nothing."""
+        """SIGSTOP the process group: the server keeps its sockets open but answers nothing.
+        Returns once every thread of it has stopped: a stop takes effect only when one of its
+        threads next runs, and meanwhile another can answer a call (a paused Mooncake master
+        answered ``exists`` in a CI run on 2 busy cores)."""
         self._signal(signal.SIGSTOP)
         self._paused = True
+        if self._proc is not None:
+            _wait_stopped(self._proc.pid)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""

@@ -103,3 +103,17 @@ def test_without_a_capacity_the_record_learns_of_writes_when_they_settle() -> No
 class _NoCapacity:
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return [True] * len(keys)
+
+
+def test_a_record_past_capacity_shrinks_only_by_planned_evictions() -> None:
+    """A failed write-back leaves the record past the tier's capacity; another write-back
+    settling meanwhile must not drop blocks from it without evicting them (they would still
+    take room on the tier): the next plan evicts the excess."""
+    tier = _filled(3)
+    first = tier.plan_write([_k(10)], busy=())
+    second = tier.plan_write([_k(11)], busy=())
+    assert (first, second) == (([_k(10)], [_k(0)]), ([_k(11)], [_k(1)]))
+    tier.settle_write(*first, False, 2.0, BOUND)  # cancelled: k0 may still be there
+    tier.settle_write(*second, True, 3.0, BOUND)
+    assert list(tier.written) == [_k(0), _k(2), _k(10), _k(11)]
+    assert tier.plan_write([_k(12)], busy=()) == ([_k(12)], [_k(0), _k(2)])

@@ -159,9 +159,9 @@ class LowerTier:
     def wrote(self, keys: Sequence[bytes], now: float, bound: int) -> None:
         """Our workers wrote ``keys`` there (settled at ``now``). The record keeps the order
         in which the blocks were written or promoted (see :meth:`read`), the order evictions
-        follow, and, where the index knows the tier's ``capacity_blocks``, no more blocks
-        than that (:meth:`plan_write` placed them already). Without a capacity: ``bound``
-        blocks."""
+        follow. With a known capacity :meth:`plan_write` placed them already and keeps the
+        record to it, by evictions only (a block dropped from the record without one would
+        still take room on the tier). Without one: at most ``bound`` blocks."""
         for key in keys:
             if self.written.get(key) == PENDING:
                 self.written[key] = now  # in place since it was planned
@@ -170,12 +170,8 @@ class LowerTier:
             self.written.move_to_end(key)
             self.gone.pop(key, None)
             self.failed.pop(key, None)  # written anew from a good pool copy
-        capacity = self.capacity
-        while len(self.written) > (capacity or bound):
-            key, _ = self.written.popitem(last=False)
-            if capacity:
-                self.gone[key] = now
-                self.gone.move_to_end(key)
+        while self.capacity is None and len(self.written) > bound:
+            self.written.popitem(last=False)
         while len(self.gone) > bound:
             self.gone.popitem(last=False)
 

@@ -18,7 +18,7 @@ from kv_offload.policies import EvictionPolicy
 from kv_offload.tiers.disk.format import SegmentHeader, parse_segment_name
 from kv_offload.tiers.disk.segment import Segment, UnsafeSegmentFile
 
-__all__ = ["SegmentSet", "Loc"]
+__all__ = ["SegmentSet", "Loc", "slot_runs"]
 
 log = logging.getLogger("kv_offload.tiers.disk")
 
@@ -204,3 +204,20 @@ class SegmentSet:
                     self._policy.insert(entry.key)
             seg.owned = True
             self._free.extend(reversed(empty))  # taken from the end: ascending slots, sequential writes
+
+
+def slot_runs(jobs: list[tuple[int, Loc]], parts: int, most: int) -> list[list[tuple[int, Loc]]]:
+    """``jobs`` cut into ``parts`` contiguous chunks (one per I/O thread), each cut into runs
+    of consecutive slots of one segment, of at most ``most`` blocks: one ``preadv`` each."""
+    out: list[list[tuple[int, Loc]]] = []
+    step = max(1, -(-len(jobs) // max(1, parts)))
+    for c in range(0, len(jobs), step):
+        run: list[tuple[int, Loc]] = []
+        for job in jobs[c : c + step]:
+            prev = run[-1][1] if run else None
+            if prev is None or len(run) >= most or job[1].seg is not prev.seg or job[1].slot != prev.slot + 1:
+                run = [job]
+                out.append(run)
+            else:
+                run.append(job)
+    return out

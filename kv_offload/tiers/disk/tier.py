@@ -41,7 +41,7 @@ from kv_offload.tiers.disk.files import (
 from kv_offload.tiers.disk.format import MAX_KEY_BYTES
 from kv_offload.tiers.disk.label import write_label
 from kv_offload.tiers.disk.segment import FaultHook, ReadResult, Segment
-from kv_offload.tiers.disk.segments import Loc, SegmentSet
+from kv_offload.tiers.disk.segments import Loc, SegmentSet, slot_runs
 
 __all__ = ["DiskTier", "DiskTierStats", "DiskTierError"]
 
@@ -67,23 +67,6 @@ class DiskTierStats(TierStats):
     index_blocks: int = 0
     segments_owned: int = 0
     segments_seen: int = 0
-
-
-def _runs(jobs: list[tuple[int, Loc]], parts: int, most: int) -> list[list[tuple[int, Loc]]]:
-    """``jobs`` cut into ``parts`` contiguous chunks (one per I/O thread), each cut into runs
-    of consecutive slots of one segment, of at most ``most`` blocks: one ``preadv`` each."""
-    out: list[list[tuple[int, Loc]]] = []
-    step = max(1, -(-len(jobs) // max(1, parts)))
-    for c in range(0, len(jobs), step):
-        run: list[tuple[int, Loc]] = []
-        for job in jobs[c : c + step]:
-            prev = run[-1][1] if run else None
-            if prev is None or len(run) >= most or job[1].seg is not prev.seg or job[1].slot != prev.slot + 1:
-                run = [job]
-                out.append(run)
-            else:
-                run.append(job)
-    return out
 
 
 #: Live instances, marked dead in a forked child (see the module docstring).
@@ -493,7 +476,7 @@ class DiskTier(SegmentSet, BlockTier):
             finally:
                 self._bufs.give(buf)
 
-        outcomes = [r for rs in self._map(run, _runs(jobs, self._threads, self._max_run)) for r in rs]
+        outcomes = [r for rs in self._map(run, slot_runs(jobs, self._threads, self._max_run)) for r in rs]
         with self._lock:
             for (i, loc), res in zip(jobs, outcomes):
                 pin = (loc.seg.stem, loc.slot)

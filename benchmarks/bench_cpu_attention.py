@@ -50,7 +50,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kv_offload.attention import available_isas, paged_decode_attention, paged_prefill_attention
+from kv_offload.attention import (
+    auto_isa,
+    available_isas,
+    bf16_dot_rate,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 from kv_offload.attention._ops import ops, resolve_isa
 from kv_offload.geometry import KVGeometry, PageFormat
 
@@ -341,8 +347,8 @@ def main() -> None:
     base = ReadBaseline(max(0.5 if args.quick else 1.0, 4 * llc / 1024), isa)
     result: dict[str, Any] = {
         "machine": {
-            "cpu": cpu_model(), "llc_mib": llc, "threads": torch.get_num_threads(), "isa_path": available_isas()[0] if isa == "auto" else isa,
-            "available_isas": available_isas(), "torch": torch.__version__,
+            "cpu": cpu_model(), "llc_mib": llc, "threads": torch.get_num_threads(), "isa_path": auto_isa() if isa == "auto" else isa,
+            "available_isas": available_isas(), "bf16_dot_rate": bf16_dot_rate(), "torch": torch.__version__,
             "vllm": getattr(__import__("vllm"), "__version__", None) if vops is not None else None,
             "loadavg_start": list(os.getloadavg()),
         },

@@ -179,6 +179,8 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(child(json.loads(args.child))))
         return
 
+    from kv_offload.attention import auto_isa, bf16_dot_rate
+    from kv_offload.attention._ops import default_isa
     from kv_offload.testing.attention_models import build_model, serving_bench_config
 
     tmp = None
@@ -189,7 +191,9 @@ def main() -> None:
     model = build_model(Path(args.model_dir) / f"gqa32x8-h128-l{args.layers}", "llama", init_std=0.02,
                         **serving_bench_config(args.layers, max(max_len, 4096)))  # fmt: skip
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg())},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
+                    "kv_offload_isa": auto_isa() if default_isa() == "auto" else default_isa(),
+                    "bf16_dot_rate": bf16_dot_rate()},
         "config": {"q_heads": 32, "kv_heads": 8, "head_size": 128, "hidden_size": 1024, "layers": args.layers,
                    "contexts": args.contexts, "decode_tokens": args.decode_tokens, "batch": 1, "repeats": args.repeats,
                    "enforce_eager": True, "prefix_caching": False},

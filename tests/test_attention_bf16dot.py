@@ -15,7 +15,13 @@ import pytest
 import torch
 from attention_cases import make_geometry, make_paged
 
-from kv_offload.attention import available_isas, paged_decode_attention, paged_prefill_attention
+from kv_offload.attention import (
+    auto_isa,
+    available_isas,
+    bf16_dot_rate,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 from kv_offload.attention._ops import layout_list, ops
 from kv_offload.attention.reference import prefill_attention_ref
 from kv_offload.geometry import PageFormat
@@ -73,8 +79,26 @@ def _assert_bf16_close(out: torch.Tensor, base: torch.Tensor) -> None:
     torch.testing.assert_close(out.float(), base.float(), rtol=2**-7, atol=1e-4)
 
 
-def test_auto_prefers_avx512bf16() -> None:
+def test_avx512bf16_is_listed_first() -> None:
     assert ISAS[0] == "avx512bf16" and "avx512" in ISAS
+
+
+def test_auto_takes_the_dot_path_only_where_it_pays() -> None:
+    """``auto`` runs avx512bf16 where vdpbf16ps does at least as many products per second as
+    the FMAs it replaces (Zen 4/5: about 2x), else avx512 (Emerald Rapids: 0.5x, where the dot
+    path made bf16 prefill 1.2x slower). The two paths' bf16 prefills differ in their last
+    bits, so the output of ``auto`` shows which one ran."""
+    rate = bf16_dot_rate()
+    assert 0.05 < rate < 20, rate  # measured on this CPU, not a placeholder
+    assert bf16_dot_rate() == rate  # measured once per process
+    chosen = "avx512bf16" if rate >= 1.0 else "avx512"
+    other = "avx512" if chosen == "avx512bf16" else "avx512bf16"
+    assert auto_isa() == chosen
+    args = (PageFormat.CPU, 128, 4, [0], [300])
+    kw = {"block_size": 128, "in_cache": True, "seed": 7}
+    ran = _prefill("auto", *args, **kw)  # type: ignore[arg-type]
+    assert not torch.equal(_prefill(other, *args, **kw), ran)  # type: ignore[arg-type]
+    assert torch.equal(_prefill(chosen, *args, **kw), ran)  # type: ignore[arg-type]
 
 
 # (fmt, head size, group, prefix, new, block size, window, new K/V in the cache)

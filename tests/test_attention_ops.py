@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from attention_cases import make_geometry, make_paged
-from kv_offload.attention import ISA_ENV, available_isas, paged_decode_attention, paged_prefill_attention
+from kv_offload.attention import (
+    ISA_ENV,
+    auto_isa,
+    available_isas,
+    bf16_dot_rate,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 from kv_offload.attention._ops import layout_list, ops
 from kv_offload.geometry import KVGeometry, PageFormat
 
@@ -50,6 +57,15 @@ def test_env_var_forces_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="KV_OFFLOAD_CPU_ATTN_ISA"):
         paged_decode_attention(q, case.cache, case.table, case.lens, g, case.layer)
+
+
+def test_auto_isa_is_a_usable_path() -> None:
+    """``auto`` takes one of the listed paths; the dot-product rate is measured only where the
+    avx512bf16 path exists (test_attention_bf16dot.py checks the choice between the two)."""
+    assert auto_isa() in available_isas()
+    if "avx512bf16" not in available_isas():
+        assert bf16_dot_rate() == 0.0
+        assert auto_isa() == available_isas()[0]
 
 
 def test_unsupported_isa_is_a_clear_error() -> None:

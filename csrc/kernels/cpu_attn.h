@@ -124,7 +124,16 @@ constexpr float kExp2C5 = 0.001327647129073739f;
 // first (e.g. {"avx2", "scalar"}).
 int available_isas(const char** names, int max_names);
 
-// "auto" (or "") = the best available; otherwise the named path. Returns null and sets
+// The path "auto" selects: the first of available_isas() that pays on this CPU. All are usable;
+// avx512bf16 is passed over where bf16_dot_rate_here() < kMinBf16DotRate (see dispatch.cpp).
+const char* auto_isa();
+
+// bf16 products per second of vdpbf16ps over fp32 products per second of FMAs on this CPU,
+// measured once per process (0 where the avx512bf16 path is not built or not supported).
+double bf16_dot_rate_here();
+constexpr double kMinBf16DotRate = 1.0;
+
+// "auto" (or "") = auto_isa(); otherwise the named path. Returns null and sets
 // *error when the name is unknown, not compiled in, or not supported by this CPU.
 const KernelTable* select_kernels(const char* isa, const char** error);
 

@@ -11,6 +11,7 @@ namespace cpu_attn {
 
 #ifdef KVO_HAVE_AVX512BF16
 const KernelTable* kernel_table_avx512bf16();
+double bf16_dot_rate();  // attn_avx512bf16.cpp
 #endif
 #ifdef KVO_HAVE_AVX512
 const KernelTable* kernel_table_avx512();
@@ -30,6 +31,7 @@ struct Path {
   bool compiled;
   bool (*supported)();
   const KernelTable* (*table)();
+  bool (*pays)();  // whether "auto" takes this path where it is usable (null: always)
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -60,30 +62,43 @@ bool cpu_has_neon() { return false; }
 #endif
 bool always() { return true; }
 
+#ifdef KVO_HAVE_AVX512BF16
+// The avx512bf16 path differs from avx512 only in bf16 prefill's Q.K (vdpbf16ps, two products
+// per lane), so it pays only where vdpbf16ps does at least as many products per second as the
+// FMAs it replaces. Zen 4 and Zen 5 run it at the FMA rate (about 2x the products); an
+// Emerald Rapids core runs one every two cycles (0.5x), where bf16 prefill took 1.2x the CPU
+// time of avx512 (2048 tokens: 523 against 424 ms). Measured once per process, on first use.
+double measured_bf16_dot_rate() {
+  static const double rate = cpu_has_avx512bf16() ? bf16_dot_rate() : 0.0;
+  return rate;
+}
+bool bf16_dot_pays() { return measured_bf16_dot_rate() >= kMinBf16DotRate; }
+#endif
+
 const KernelTable* none() { return nullptr; }
 
 const Path kPaths[] = {
 #ifdef KVO_HAVE_AVX512BF16
-    {"avx512bf16", true, &cpu_has_avx512bf16, &kernel_table_avx512bf16},
+    {"avx512bf16", true, &cpu_has_avx512bf16, &kernel_table_avx512bf16, &bf16_dot_pays},
 #else
-    {"avx512bf16", false, &cpu_has_avx512bf16, &none},
+    {"avx512bf16", false, &cpu_has_avx512bf16, &none, nullptr},
 #endif
 #ifdef KVO_HAVE_AVX512
-    {"avx512", true, &cpu_has_avx512, &kernel_table_avx512},
+    {"avx512", true, &cpu_has_avx512, &kernel_table_avx512, nullptr},
 #else
-    {"avx512", false, &cpu_has_avx512, &none},
+    {"avx512", false, &cpu_has_avx512, &none, nullptr},
 #endif
 #ifdef KVO_HAVE_AVX2
-    {"avx2", true, &cpu_has_avx2, &kernel_table_avx2},
+    {"avx2", true, &cpu_has_avx2, &kernel_table_avx2, nullptr},
 #else
-    {"avx2", false, &cpu_has_avx2, &none},
+    {"avx2", false, &cpu_has_avx2, &none, nullptr},
 #endif
 #ifdef KVO_HAVE_NEON
-    {"neon", true, &cpu_has_neon, &kernel_table_neon},
+    {"neon", true, &cpu_has_neon, &kernel_table_neon, nullptr},
 #else
-    {"neon", false, &cpu_has_neon, &none},
+    {"neon", false, &cpu_has_neon, &none, nullptr},
 #endif
-    {"scalar", true, &always, &kernel_table_scalar},
+    {"scalar", true, &always, &kernel_table_scalar, nullptr},
 };
 
 }  // namespace
@@ -95,11 +110,25 @@ int available_isas(const char** names, int max_names) {
   return n;
 }
 
+const char* auto_isa() {
+  for (const Path& p : kPaths)
+    if (p.compiled && p.supported() && (p.pays == nullptr || p.pays())) return p.name;
+  return "scalar";
+}
+
+double bf16_dot_rate_here() {
+#ifdef KVO_HAVE_AVX512BF16
+  return measured_bf16_dot_rate();
+#else
+  return 0.0;
+#endif
+}
+
 const KernelTable* select_kernels(const char* isa, const char** error) {
   const bool automatic = isa == nullptr || *isa == '\0' || std::strcmp(isa, "auto") == 0;
   for (const Path& p : kPaths) {
     if (automatic) {
-      if (p.compiled && p.supported()) return p.table();
+      if (p.compiled && p.supported() && (p.pays == nullptr || p.pays())) return p.table();
       continue;
     }
     if (std::strcmp(isa, p.name) != 0) continue;

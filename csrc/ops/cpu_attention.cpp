@@ -8,6 +8,8 @@
 //   paged_prefill_attention(out!, query, key, value, query_start_loc, kv_cache, block_table,
 //                           prefix_lens, kv_layout, ...)
 //   cpu_attention_isas() -> str[]          paths usable on this CPU, best first
+//   cpu_attention_auto_isa() -> str        the path "auto" takes here (see dispatch.cpp)
+//   cpu_attention_bf16_dot_rate() -> float vdpbf16ps products/s over FMA products/s (0: none)
 //   read_bandwidth_probe(buf, isa) -> float  sum of a float buffer (a read-bandwidth probe)
 //   pin_intraop_threads(cpus) -> int         pin torch's intra-op threads to these CPUs
 // new_kv_in_cache=True (prefill): the caller wrote this step's K/V into the blocks before the call
@@ -375,6 +377,10 @@ std::vector<std::string> cpu_attention_isas() {
   return std::vector<std::string>(names, names + n);
 }
 
+std::string cpu_attention_auto_isa() { return cpu_attn::auto_isa(); }
+
+double cpu_attention_bf16_dot_rate() { return cpu_attn::bf16_dot_rate_here(); }
+
 double read_bandwidth_probe(const at::Tensor& buf, c10::string_view isa) {
   TORCH_CHECK(buf.is_cpu() && buf.scalar_type() == at::kFloat && buf.is_contiguous(),
               "read_bandwidth_probe needs a contiguous float32 CPU tensor");
@@ -430,6 +436,8 @@ TORCH_LIBRARY_FRAGMENT(kv_offload, m) {
   m.def("read_bandwidth_probe(Tensor buf, str isa) -> float");
   // No tensor arguments: registered as catch-all kernels.
   m.def("cpu_attention_isas() -> str[]", &cpu_attention_isas);
+  m.def("cpu_attention_auto_isa() -> str", &cpu_attention_auto_isa);
+  m.def("cpu_attention_bf16_dot_rate() -> float", &cpu_attention_bf16_dot_rate);
   m.def("pin_intraop_threads(int[] cpus) -> int", &pin_intraop_threads);
 }
 

@@ -100,6 +100,22 @@ def available_isas() -> list[str]:
     return list(ops().cpu_attention_isas())
 
 
+def auto_isa() -> str:
+    """The path ``"auto"`` takes on this CPU: the first of :func:`available_isas` that pays here.
+
+    Every listed path is usable by name; ``avx512bf16`` is passed over where its bf16 dot
+    products (``vdpbf16ps``) run slower than the FMAs they replace (see :func:`bf16_dot_rate`).
+    """
+    return str(ops().cpu_attention_auto_isa())
+
+
+def bf16_dot_rate() -> float:
+    """bf16 products per second of ``vdpbf16ps`` over fp32 products per second of FMAs on this
+    CPU, measured once per process (about 2 on Zen 4/5, 0.5 on Emerald Rapids); 0.0 where the
+    ``avx512bf16`` path is not built or not supported. ``auto`` takes that path at 1.0 or more."""
+    return float(ops().cpu_attention_bf16_dot_rate())
+
+
 def default_isa() -> str:
     """The path forced by ``KV_OFFLOAD_CPU_ATTN_ISA``, else ``"auto"``."""
     value = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"

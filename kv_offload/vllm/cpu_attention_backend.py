@@ -49,7 +49,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from kv_offload.attention._ops import available_isas, default_isa, layout_list, ops
+from kv_offload.attention._ops import auto_isa, available_isas, default_isa, layout_list, ops
 from kv_offload.geometry import KVGeometry, PageFormat
 
 __all__ = [
@@ -84,7 +84,7 @@ def _log_once(key: str, message: str, *args: object) -> None:
 def _announce() -> None:
     isa = default_isa()
     usable = available_isas()
-    chosen = usable[0] if isa == "auto" else isa
+    chosen = auto_isa() if isa == "auto" else isa
     _log_once(
         "active",
         "kv-offload CPU attention backend active: kv_offload::paged_decode_attention, "

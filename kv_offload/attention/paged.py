@@ -151,7 +151,7 @@ def paged_decode_attention(
             and merged (flash-decoding); 0 picks a count from the thread count. At most
             ``MAX_SPLITS`` (1024); more parts than the longest sequence has blocks are not used.
         isa: force a kernel path (``"avx2"``, ``"scalar"``...); default: ``KV_OFFLOAD_CPU_ATTN_ISA``
-            or the best available.
+            or ``"auto"`` (the path :func:`~kv_offload.attention.auto_isa` names).
         out: optional ``[num_seqs, num_q_heads, head_size_v]`` output of the query's dtype.
 
     Returns:

@@ -49,7 +49,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from kv_offload.attention._ops import auto_isa, available_isas, default_isa, layout_list, ops
+from kv_offload.attention._ops import auto_isa, available_isas, bf16_dot_rate, default_isa, layout_list, ops
 from kv_offload.geometry import KVGeometry, PageFormat
 
 __all__ = [
@@ -85,12 +85,15 @@ def _announce() -> None:
     isa = default_isa()
     usable = available_isas()
     chosen = auto_isa() if isa == "auto" else isa
+    how = "forced by KV_OFFLOAD_CPU_ATTN_ISA" if isa != "auto" else "auto"
+    if isa == "auto" and "avx512bf16" in usable and chosen != "avx512bf16":
+        how += f"; avx512bf16 passed over: vdpbf16ps does {bf16_dot_rate():.2f}x the FMAs' products here"
     _log_once(
         "active",
         "kv-offload CPU attention backend active: kv_offload::paged_decode_attention, "
         "kv_offload::paged_prefill_attention and kv_offload::reshape_and_cache over the CPU page "
         "format; ISA path %s (%s; usable here: %s)",
-        chosen, "forced by KV_OFFLOAD_CPU_ATTN_ISA" if isa != "auto" else "auto", ", ".join(usable),
+        chosen, how, ", ".join(usable),
     )  # fmt: skip
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from conftest import connector_config, documents, prompt, run_engine
 
+from kv_offload.attention import auto_isa, available_isas
+
 pytestmark = pytest.mark.vllm
 
 ENGINE = dict(max_model_len=1024, max_num_batched_tokens=128)
@@ -190,19 +192,31 @@ def test_unsupported_feature_falls_back(tmp_path_factory: pytest.TempPathFactory
         return _collect(llm.generate([prompt(p) for p in prompts], _sampling(12), use_tqdm=False))
 
     records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    backend.logger.addHandler(handler)
+
+    class Keep(logging.Filter):
+        """Records what the backend logs. A filter, not a handler: when this test runs first,
+        vLLM's logging set-up (dictConfig) runs during the engine's start and clears the
+        handlers of every logger under "vllm", ours included."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            records.append(record)
+            return True
+
+    keep = Keep()
+    backend.logger.addFilter(keep)
     backend._logged.clear()
     try:
         ours, impls, stats = _run(model, True, work)
     finally:
-        backend.logger.removeHandler(handler)
+        backend.logger.removeFilter(keep)
     theirs, _, _ = _run(model, False, work)
     _compare(ours, theirs)
     fallback = [r.getMessage() for r in records if "use vLLM's own CPU attention" in r.getMessage()]
     assert len(fallback) == 1 and "ALiBi" in fallback[0], [r.getMessage() for r in records]
-    assert any("backend active" in r.getMessage() for r in records)
+    active = [r.getMessage() for r in records if "backend active" in r.getMessage()]
+    assert len(active) == 1 and f"ISA path {auto_isa()} (auto" in active[0], active
+    if "avx512bf16" in available_isas() and auto_isa() != "avx512bf16":  # says why it was passed over
+        assert "avx512bf16 passed over: vdpbf16ps does" in active[0], active
     assert all(type(i) is backend.KVOffloadCPUAttentionImpl and not i.uses_kv_offload_kernels for i in impls)
     assert stats["vllm_calls"] > 0 and stats["decode_calls"] == stats["prefill_calls"] == 0
 

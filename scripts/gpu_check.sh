@@ -212,6 +212,7 @@ if isinstance(cpu, dict) and cpu.get("decode") is not None:
     long_ctx = [r for r in dec if r["context"] >= 8192]
     headline["cpu_attention"] = {
         "cpu": cpu.get("machine", {}).get("cpu"), "isa_path": cpu.get("machine", {}).get("isa_path"),
+        "bf16_dot_rate": cpu.get("machine", {}).get("bf16_dot_rate"),
         "threads": cpu.get("machine", {}).get("threads"), "partial": cpu.get("partial"),
         "decode_configs": len(dec), "dropped": len(cpu.get("dropped") or []),
         "bandwidth_fraction_ctx_ge_8k": {f"{r['dtype']} {r['batch']}x{r['context']}": round(r["bandwidth_fraction"], 3)
@@ -361,7 +362,7 @@ if selected build; then
         cd "$1"
         "$2" -c "import torch, setuptools; print(\"[gpu_check] building against torch\", torch.__version__, \"setuptools\", setuptools.__version__)"
         "$2" setup.py -q build_ext --inplace --build-temp "$3/build"
-        "$2" -c "import kv_offload._C; from kv_offload.attention import available_isas; print(\"[gpu_check]\", kv_offload._C.__file__, \"imports; CPU attention paths:\", available_isas())"
+        "$2" -c "import kv_offload._C; from kv_offload.attention import auto_isa, available_isas, bf16_dot_rate; print(\"[gpu_check]\", kv_offload._C.__file__, \"imports; CPU attention paths:\", available_isas(), \"auto:\", auto_isa(), \"vdpbf16ps/FMA products:\", round(bf16_dot_rate(), 2))"
     ' build "$SRC" "$PY" "$WORK"
     record build "$STAGE_STATUS" "$STAGE_RC" "$STAGE_SECS" "$STAGE_BUDGET" "$STAGE_NOTE" build.log
 else

@@ -17,60 +17,51 @@
 #define KVO_ISA_NAME "avx512bf16"
 #include "kernels/attn_entry.h"
 
-#include <algorithm>
-#include <chrono>
-
 namespace kv_offload {
 namespace cpu_attn {
 const KernelTable* kernel_table_avx512bf16() { return &avx512bf16::kTable; }
 
-namespace {
+#if !defined(__x86_64__)
+#error "the avx512bf16 path is x86-64 only"
+#endif
 
-// Seconds for `iters` rounds of 12 independent 512-bit vdpbf16ps (dot) or vfmadd231ps chains.
-// Inline asm, so that the compiler neither folds the loop nor keeps the chains in memory.
-double time_chains(bool dot, int iters) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-         a9 = a0, a10 = a0, a11 = a0;
-  const __m512 b = _mm512_setzero_ps(), c = _mm512_setzero_ps();  // zeros: no denormal or overflow
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) {
-    if (dot)
-      __asm__ volatile(
-          "vdpbf16ps %[b], %[c], %[a0]\n\tvdpbf16ps %[b], %[c], %[a1]\n\tvdpbf16ps %[b], %[c], %[a2]\n\t"
-          "vdpbf16ps %[b], %[c], %[a3]\n\tvdpbf16ps %[b], %[c], %[a4]\n\tvdpbf16ps %[b], %[c], %[a5]\n\t"
-          "vdpbf16ps %[b], %[c], %[a6]\n\tvdpbf16ps %[b], %[c], %[a7]\n\tvdpbf16ps %[b], %[c], %[a8]\n\t"
-          "vdpbf16ps %[b], %[c], %[a9]\n\tvdpbf16ps %[b], %[c], %[a10]\n\tvdpbf16ps %[b], %[c], %[a11]"
-          : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3), [a4] "+v"(a4), [a5] "+v"(a5),
-            [a6] "+v"(a6), [a7] "+v"(a7), [a8] "+v"(a8), [a9] "+v"(a9), [a10] "+v"(a10), [a11] "+v"(a11)
-          : [b] "v"(b), [c] "v"(c));
-    else
-      __asm__ volatile(
-          "vfmadd231ps %[b], %[c], %[a0]\n\tvfmadd231ps %[b], %[c], %[a1]\n\tvfmadd231ps %[b], %[c], %[a2]\n\t"
-          "vfmadd231ps %[b], %[c], %[a3]\n\tvfmadd231ps %[b], %[c], %[a4]\n\tvfmadd231ps %[b], %[c], %[a5]\n\t"
-          "vfmadd231ps %[b], %[c], %[a6]\n\tvfmadd231ps %[b], %[c], %[a7]\n\tvfmadd231ps %[b], %[c], %[a8]\n\t"
-          "vfmadd231ps %[b], %[c], %[a9]\n\tvfmadd231ps %[b], %[c], %[a10]\n\tvfmadd231ps %[b], %[c], %[a11]"
-          : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3), [a4] "+v"(a4), [a5] "+v"(a5),
-            [a6] "+v"(a6), [a7] "+v"(a7), [a8] "+v"(a8), [a9] "+v"(a9), [a10] "+v"(a10), [a11] "+v"(a11)
-          : [b] "v"(b), [c] "v"(c));
-  }
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+// `iters` rounds of 16 independent 512-bit vdpbf16ps (dot) or vfmadd231ps chains, for
+// dispatch.cpp to time (see measured_bf16_dot_rate there). One asm block holds the loop, so
+// that the compiler neither folds it nor keeps the chains in memory; the chains start from
+// zero (no denormal or NaN inputs), and 16 of them cover the 4-5 cycle latency of two FMA
+// ports. The "memory" clobber keeps the loop between the caller's clock reads.
+#define KVO_CHAIN_OPS(OP)                                                                          \
+  OP " %%zmm16, %%zmm17, %%zmm0\n\t" OP " %%zmm16, %%zmm17, %%zmm1\n\t"                            \
+  OP " %%zmm16, %%zmm17, %%zmm2\n\t" OP " %%zmm16, %%zmm17, %%zmm3\n\t"                            \
+  OP " %%zmm16, %%zmm17, %%zmm4\n\t" OP " %%zmm16, %%zmm17, %%zmm5\n\t"                            \
+  OP " %%zmm16, %%zmm17, %%zmm6\n\t" OP " %%zmm16, %%zmm17, %%zmm7\n\t"                            \
+  OP " %%zmm16, %%zmm17, %%zmm8\n\t" OP " %%zmm16, %%zmm17, %%zmm9\n\t"                            \
+  OP " %%zmm16, %%zmm17, %%zmm10\n\t" OP " %%zmm16, %%zmm17, %%zmm11\n\t"                          \
+  OP " %%zmm16, %%zmm17, %%zmm12\n\t" OP " %%zmm16, %%zmm17, %%zmm13\n\t"                          \
+  OP " %%zmm16, %%zmm17, %%zmm14\n\t" OP " %%zmm16, %%zmm17, %%zmm15\n\t"
+#define KVO_CHAIN_LOOP(OP)                                                                         \
+  __asm__ volatile(                                                                                \
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n\tvmovaps %%zmm16, %%zmm17\n\t"                            \
+      "vmovaps %%zmm16, %%zmm0\n\tvmovaps %%zmm16, %%zmm1\n\tvmovaps %%zmm16, %%zmm2\n\t"            \
+      "vmovaps %%zmm16, %%zmm3\n\tvmovaps %%zmm16, %%zmm4\n\tvmovaps %%zmm16, %%zmm5\n\t"            \
+      "vmovaps %%zmm16, %%zmm6\n\tvmovaps %%zmm16, %%zmm7\n\tvmovaps %%zmm16, %%zmm8\n\t"            \
+      "vmovaps %%zmm16, %%zmm9\n\tvmovaps %%zmm16, %%zmm10\n\tvmovaps %%zmm16, %%zmm11\n\t"          \
+      "vmovaps %%zmm16, %%zmm12\n\tvmovaps %%zmm16, %%zmm13\n\tvmovaps %%zmm16, %%zmm14\n\t"         \
+      "vmovaps %%zmm16, %%zmm15\n\t"                                                               \
+      "1:\n\t" KVO_CHAIN_OPS(OP) "dec %[n]\n\tjnz 1b"                                                \
+      : [n] "+r"(n)                                                                                \
+      :                                                                                            \
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",    \
+        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "cc", "memory")
+void run_chains(bool dot, int iters) {
+  if (iters <= 0) return;
+  long n = iters;
+  if (dot)
+    KVO_CHAIN_LOOP("vdpbf16ps");
+  else
+    KVO_CHAIN_LOOP("vfmadd231ps");
 }
-
-}  // namespace
-
-// bf16 products per second of vdpbf16ps (two per fp32 lane) over fp32 products per second of
-// vfmadd231ps, on the calling core: the best of 7 alternating timings of each (about 0.2 ms
-// in all), so that a preemption during one timing does not decide. Measured: about 2 on a
-// Zen 4 and a Zen 5 VM (one vdpbf16ps per FMA slot), 0.5 on an Emerald Rapids VM (one
-// vdpbf16ps every 2 cycles against two FMAs per cycle).
-double bf16_dot_rate() {
-  constexpr int kIters = 2000;
-  double dot = 1e30, fma = 1e30;
-  for (int round = 0; round < 7; ++round) {
-    dot = std::min(dot, time_chains(true, kIters));
-    fma = std::min(fma, time_chains(false, kIters));
-  }
-  return 2.0 * fma / dot;
-}
+#undef KVO_CHAIN_LOOP
+#undef KVO_CHAIN_OPS
 }  // namespace cpu_attn
 }  // namespace kv_offload

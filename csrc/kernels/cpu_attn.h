@@ -120,8 +120,8 @@ constexpr float kExp2C3 = 0.05550713092088699f;
 constexpr float kExp2C4 = 0.009675540961325169f;
 constexpr float kExp2C5 = 0.001327647129073739f;
 
-// Names of the instruction-set paths compiled into this build and usable on this CPU, best
-// first (e.g. {"avx2", "scalar"}).
+// Names of the instruction-set paths compiled into this build and usable on this CPU, in
+// preference order (e.g. {"avx2", "scalar"}); auto_isa() is the one "auto" takes.
 int available_isas(const char** names, int max_names);
 
 // The path "auto" selects: the first of available_isas() that pays on this CPU. All are usable;
@@ -129,9 +129,17 @@ int available_isas(const char** names, int max_names);
 const char* auto_isa();
 
 // bf16 products per second of vdpbf16ps over fp32 products per second of FMAs on this CPU,
-// measured once per process (0 where the avx512bf16 path is not built or not supported).
+// measured once per process (0 where the avx512bf16 path is not built or not supported, or the
+// timing was unusable). "auto" takes avx512bf16 only at kMinBf16DotRate or more: measured rates
+// sit near 2 (Zen 4, Zen 5) or 0.5 (Emerald Rapids), and the margin above 1 keeps a CPU near
+// break-even on the avx512 path in every process instead of a per-process coin flip.
 double bf16_dot_rate_here();
-constexpr double kMinBf16DotRate = 1.0;
+constexpr double kMinBf16DotRate = 1.25;
+
+// attn_avx512bf16.cpp (built only where the compiler has the path): `iters` rounds of 16
+// independent vdpbf16ps (dot) or vfmadd231ps chains, untimed; dispatch.cpp times them with
+// baseline code.
+void run_chains(bool dot, int iters);
 
 // "auto" (or "") = auto_isa(); otherwise the named path. Returns null and sets
 // *error when the name is unknown, not compiled in, or not supported by this CPU.

@@ -2,6 +2,9 @@
 // Run-time choice of the kernel path. Built with baseline flags (no ISA extensions): it only
 // asks the CPU what it supports and returns the function table of a path that setup.py
 // compiled in (KVO_HAVE_<ISA> is defined for each one it built).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu_attn.h"
@@ -11,7 +14,6 @@ namespace cpu_attn {
 
 #ifdef KVO_HAVE_AVX512BF16
 const KernelTable* kernel_table_avx512bf16();
-double bf16_dot_rate();  // attn_avx512bf16.cpp
 #endif
 #ifdef KVO_HAVE_AVX512
 const KernelTable* kernel_table_avx512();
@@ -63,11 +65,45 @@ bool cpu_has_neon() { return false; }
 bool always() { return true; }
 
 #ifdef KVO_HAVE_AVX512BF16
+// Seconds for `iters` rounds of run_chains(dot, .): the best of kRounds alternating timings of
+// `iters` and of 2 * `iters` rounds, differenced, so that the clock's own cost (tens of ns on a
+// VM whose clocksource traps) and the call cancel out; taking each best keeps a preemption
+// during one timing from deciding.
+double chain_seconds(bool dot, int iters) {
+  constexpr int kRounds = 5;
+  double once = 1e30, twice = 1e30;
+  for (int round = 0; round < kRounds; ++round) {
+    for (int n = 1; n <= 2; ++n) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run_chains(dot, n * iters);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double& best = n == 1 ? once : twice;
+      best = std::min(best, s);
+    }
+  }
+  return twice - once;
+}
+
+// bf16 products per second of vdpbf16ps (two per fp32 lane) over fp32 products per second of
+// vfmadd231ps, on the calling core. 8192 rounds of 16 FMAs take 20-40 us at one or two 512-bit
+// FMAs per cycle, their doubled window twice that, and vdpbf16ps as long or, where it issues
+// every other cycle, up to 4x: 1.1 ms in all on a Zen 4 VM, a few ms at most, once per
+// process. 0 where a timing came out unusable (a clock too coarse to see the window), so that
+// "auto" keeps the avx512 path.
+double bf16_dot_rate() {
+  constexpr int kIters = 8192;
+  const double fma = chain_seconds(false, kIters);
+  const double dot = chain_seconds(true, kIters);
+  const double rate = 2.0 * fma / dot;
+  return (fma > 0.0 && dot > 0.0 && std::isfinite(rate)) ? rate : 0.0;
+}
+
 // The avx512bf16 path differs from avx512 only in bf16 prefill's Q.K (vdpbf16ps, two products
-// per lane), so it pays only where vdpbf16ps does at least as many products per second as the
+// per lane), so it pays only where vdpbf16ps does clearly more products per second than the
 // FMAs it replaces. Zen 4 and Zen 5 run it at the FMA rate (about 2x the products); an
 // Emerald Rapids core runs one every two cycles (0.5x), where bf16 prefill took 1.2x the CPU
-// time of avx512 (2048 tokens: 523 against 424 ms). Measured once per process, on first use.
+// time of avx512 (2048 tokens: 523 against 424 ms). Measured once per process, on first use;
+// KV_OFFLOAD_CPU_ATTN_ISA names a path outright where an operator wants no measurement.
 double measured_bf16_dot_rate() {
   static const double rate = cpu_has_avx512bf16() ? bf16_dot_rate() : 0.0;
   return rate;

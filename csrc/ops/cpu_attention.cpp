@@ -7,7 +7,7 @@
 //   paged_decode_attention(out!, query, kv_cache, block_table, context_lens, kv_layout, ...)
 //   paged_prefill_attention(out!, query, key, value, query_start_loc, kv_cache, block_table,
 //                           prefix_lens, kv_layout, ...)
-//   cpu_attention_isas() -> str[]          paths usable on this CPU, best first
+//   cpu_attention_isas() -> str[]          paths usable on this CPU, in preference order
 //   cpu_attention_auto_isa() -> str        the path "auto" takes here (see dispatch.cpp)
 //   cpu_attention_bf16_dot_rate() -> float vdpbf16ps products/s over FMA products/s (0: none)
 //   read_bandwidth_probe(buf, isa) -> float  sum of a float buffer (a read-bandwidth probe)

@@ -22,7 +22,8 @@ from kv_offload._native import load_native
 from kv_offload.geometry import KVGeometry
 
 __all__ = [
-    "ISA_ENV", "ISA_NAMES", "MAX_SPLITS", "available_isas", "default_isa", "resolve_isa", "layout_list", "ops",
+    "ISA_ENV", "ISA_NAMES", "MAX_SPLITS", "auto_isa", "available_isas", "bf16_dot_rate", "default_isa", "resolve_isa",
+    "layout_list", "ops",
 ]  # fmt: skip
 
 ISA_ENV = "KV_OFFLOAD_CPU_ATTN_ISA"
@@ -96,23 +97,27 @@ def _check_out(out: torch.Tensor, query: torch.Tensor) -> None:
 
 
 def available_isas() -> list[str]:
-    """Kernel paths compiled in and supported by this CPU, best first (e.g. ``["avx2", "scalar"]``)."""
+    """Kernel paths compiled in and supported by this CPU, in preference order (e.g. ``["avx2", "scalar"]``).
+
+    Every one can be named; :func:`auto_isa` is the one ``"auto"`` takes.
+    """
     return list(ops().cpu_attention_isas())
 
 
 def auto_isa() -> str:
     """The path ``"auto"`` takes on this CPU: the first of :func:`available_isas` that pays here.
 
-    Every listed path is usable by name; ``avx512bf16`` is passed over where its bf16 dot
-    products (``vdpbf16ps``) run slower than the FMAs they replace (see :func:`bf16_dot_rate`).
+    Every listed path is usable by name; ``avx512bf16`` is passed over unless its bf16 dot
+    products (``vdpbf16ps``) clearly outrun the FMAs they replace (see :func:`bf16_dot_rate`).
     """
     return str(ops().cpu_attention_auto_isa())
 
 
 def bf16_dot_rate() -> float:
     """bf16 products per second of ``vdpbf16ps`` over fp32 products per second of FMAs on this
-    CPU, measured once per process (about 2 on Zen 4/5, 0.5 on Emerald Rapids); 0.0 where the
-    ``avx512bf16`` path is not built or not supported. ``auto`` takes that path at 1.0 or more."""
+    CPU, measured once per process, about 1 ms (about 2 on Zen 4/5, 0.5 on Emerald Rapids); 0.0
+    where the ``avx512bf16`` path is not built or not supported, or the timing was unusable.
+    ``auto`` takes that path at 1.25 or more; ``KV_OFFLOAD_CPU_ATTN_ISA`` pins a path outright."""
     return float(ops().cpu_attention_bf16_dot_rate())
 
 

@@ -120,7 +120,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         print(f"  {spec['backend']:10} {spec['dtype']:9} ctx {context:6}: TTFT {row['ttft_s']:7.2f} s "
               f"(tries {', '.join(f'{x:.2f}' for x in row['ttft_all_s'])}), decode {row['decode_tokens_per_s']:7.2f} tok/s",
               flush=True)  # fmt: skip
-    return {"impls": impls, "torch_threads": torch.get_num_threads(), "rows": rows}
+    out: dict[str, Any] = {"impls": impls, "torch_threads": torch.get_num_threads(), "rows": rows}
+    if spec["backend"] == "kv_offload":  # the path this engine process took, and why
+        from kv_offload.attention import auto_isa, bf16_dot_rate
+        from kv_offload.attention._ops import default_isa
+
+        out["isa_path"] = auto_isa() if default_isa() == "auto" else default_isa()
+        out["bf16_dot_rate"] = bf16_dot_rate()
+    return out
 
 
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -179,8 +186,6 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(child(json.loads(args.child))))
         return
 
-    from kv_offload.attention import auto_isa, bf16_dot_rate
-    from kv_offload.attention._ops import default_isa
     from kv_offload.testing.attention_models import build_model, serving_bench_config
 
     tmp = None
@@ -191,9 +196,7 @@ def main() -> None:
     model = build_model(Path(args.model_dir) / f"gqa32x8-h128-l{args.layers}", "llama", init_std=0.02,
                         **serving_bench_config(args.layers, max(max_len, 4096)))  # fmt: skip
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
-                    "kv_offload_isa": auto_isa() if default_isa() == "auto" else default_isa(),
-                    "bf16_dot_rate": bf16_dot_rate()},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg())},
         "config": {"q_heads": 32, "kv_heads": 8, "head_size": 128, "hidden_size": 1024, "layers": args.layers,
                    "contexts": args.contexts, "decode_tokens": args.decode_tokens, "batch": 1, "repeats": args.repeats,
                    "enforce_eager": True, "prefix_caching": False},
@@ -207,6 +210,9 @@ def main() -> None:
                     "repeats": args.repeats}  # fmt: skip
             runs[backend] = run_child(spec, args.timeout)
         result["runs"][dtype] = runs
+        # As the engine process measured it (auto's choice is made per process).
+        result["machine"].setdefault("kv_offload_isa", runs["kv_offload"]["isa_path"])
+        result["machine"].setdefault("bf16_dot_rate", runs["kv_offload"]["bf16_dot_rate"])
         result["comparison"][dtype] = compare(runs["kv_offload"], runs["vllm"])
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     print(f"\n{'dtype':9} {'ctx':>6} {'ours tok/s':>10} {'vllm tok/s':>10} {'x decode':>8} "

@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from kv_offload.attention import (
-    auto_isa,
     available_isas,
     bf16_dot_rate,
+    effective_isa,
     paged_decode_attention,
     paged_prefill_attention,
 )
@@ -347,7 +347,7 @@ def main() -> None:
     base = ReadBaseline(max(0.5 if args.quick else 1.0, 4 * llc / 1024), isa)
     result: dict[str, Any] = {
         "machine": {
-            "cpu": cpu_model(), "llc_mib": llc, "threads": torch.get_num_threads(), "isa_path": auto_isa() if isa == "auto" else isa,
+            "cpu": cpu_model(), "llc_mib": llc, "threads": torch.get_num_threads(), "isa_path": effective_isa(isa),
             "available_isas": available_isas(), "bf16_dot_rate": bf16_dot_rate(), "torch": torch.__version__,
             "vllm": getattr(__import__("vllm"), "__version__", None) if vops is not None else None,
             "loadavg_start": list(os.getloadavg()),

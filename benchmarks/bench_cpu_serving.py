@@ -122,10 +122,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
               flush=True)  # fmt: skip
     out: dict[str, Any] = {"impls": impls, "torch_threads": torch.get_num_threads(), "rows": rows}
     if spec["backend"] == "kv_offload":  # the path this engine process took, and why
-        from kv_offload.attention import auto_isa, bf16_dot_rate
-        from kv_offload.attention._ops import default_isa
+        from kv_offload.attention import bf16_dot_rate, effective_isa
 
-        out["isa_path"] = auto_isa() if default_isa() == "auto" else default_isa()
+        out["isa_path"] = effective_isa()
         out["bf16_dot_rate"] = bf16_dot_rate()
     return out
 

@@ -85,8 +85,8 @@ def test_avx512bf16_is_listed_first() -> None:
 
 def test_auto_takes_the_dot_path_only_where_it_pays() -> None:
     """``auto`` runs avx512bf16 where vdpbf16ps does clearly more products per second than the
-    FMAs it replaces (>= 1.25x, kMinBf16DotRate in cpu_attn.h; Zen 4/5: about 2x), else avx512 (Emerald Rapids: 0.5x, where the dot
-    path made bf16 prefill 1.2x slower). The two paths' bf16 prefills differ in their last
+    FMAs it replaces (>= 1.25x, kMinBf16DotRate in cpu_attn.h; Zen 4/5: about 2x), else avx512
+    (Emerald Rapids: 0.5x, where the dot path made bf16 prefill 1.2x slower). The two paths' bf16 prefills differ in their last
     bits, so the output of ``auto`` shows which one ran."""
     rate = bf16_dot_rate()
     assert 0.05 < rate < 20, rate  # measured on this CPU, not a placeholder

@@ -161,12 +161,8 @@ double bf16_dot_rate_here() {
 }
 
 const KernelTable* select_kernels(const char* isa, const char** error) {
-  const bool automatic = isa == nullptr || *isa == '\0' || std::strcmp(isa, "auto") == 0;
+  if (isa == nullptr || *isa == '\0' || std::strcmp(isa, "auto") == 0) isa = auto_isa();
   for (const Path& p : kPaths) {
-    if (automatic) {
-      if (p.compiled && p.supported() && (p.pays == nullptr || p.pays())) return p.table();
-      continue;
-    }
     if (std::strcmp(isa, p.name) != 0) continue;
     if (!p.compiled) {
       *error = "this ISA path was not compiled into kv_offload._C (compiler or architecture lacks it)";

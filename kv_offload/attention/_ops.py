@@ -22,8 +22,8 @@ from kv_offload._native import load_native
 from kv_offload.geometry import KVGeometry
 
 __all__ = [
-    "ISA_ENV", "ISA_NAMES", "MAX_SPLITS", "auto_isa", "available_isas", "bf16_dot_rate", "default_isa", "resolve_isa",
-    "layout_list", "ops",
+    "ISA_ENV", "ISA_NAMES", "MAX_SPLITS", "auto_isa", "available_isas", "bf16_dot_rate", "default_isa", "effective_isa",
+    "resolve_isa", "layout_list", "ops",
 ]  # fmt: skip
 
 ISA_ENV = "KV_OFFLOAD_CPU_ATTN_ISA"
@@ -136,6 +136,13 @@ def resolve_isa(isa: str | None) -> str:
     if isa not in ISA_NAMES:
         raise ValueError(f"isa={isa!r} is not one of {', '.join(ISA_NAMES)}")
     return isa
+
+
+def effective_isa(isa: str | None = None) -> str:
+    """The kernel path a call with ``isa`` runs: :func:`resolve_isa`, with ``"auto"`` replaced
+    by :func:`auto_isa` (the first use of ``auto`` times ``vdpbf16ps``, see :func:`bf16_dot_rate`)."""
+    name = resolve_isa(isa)
+    return auto_isa() if name == "auto" else name
 
 
 def layout_list(geometry: KVGeometry, layer: int) -> list[int]:

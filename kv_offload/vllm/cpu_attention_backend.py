@@ -49,7 +49,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from kv_offload.attention._ops import auto_isa, available_isas, bf16_dot_rate, default_isa, layout_list, ops
+from kv_offload.attention._ops import available_isas, bf16_dot_rate, default_isa, effective_isa, layout_list, ops
 from kv_offload.geometry import KVGeometry, PageFormat
 
 __all__ = [
@@ -84,7 +84,7 @@ def _log_once(key: str, message: str, *args: object) -> None:
 def _announce() -> None:
     isa = default_isa()
     usable = available_isas()
-    chosen = auto_isa() if isa == "auto" else isa
+    chosen = effective_isa()
     how = "forced by KV_OFFLOAD_CPU_ATTN_ISA" if isa != "auto" else "auto"
     if isa == "auto" and "avx512bf16" in usable and chosen != "avx512bf16":
         how += f"; avx512bf16 passed over: vdpbf16ps does {bf16_dot_rate():.2f}x the FMAs' products here"

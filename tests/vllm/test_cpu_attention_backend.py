@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import connector_config, documents, prompt, run_engine
 
-from kv_offload.attention import auto_isa, available_isas
+from kv_offload.attention import auto_isa, available_isas, effective_isa
 from kv_offload.attention._ops import default_isa
 
 pytestmark = pytest.mark.vllm
@@ -216,7 +216,7 @@ def test_unsupported_feature_falls_back(tmp_path_factory: pytest.TempPathFactory
     assert len(fallback) == 1 and "ALiBi" in fallback[0], [r.getMessage() for r in records]
     active = [r.getMessage() for r in records if "backend active" in r.getMessage()]
     pinned = default_isa()  # KV_OFFLOAD_CPU_ATTN_ISA, where the runner sets it
-    expected = f"ISA path {auto_isa()} (auto" if pinned == "auto" else f"ISA path {pinned} (forced"
+    expected = f"ISA path {effective_isa()} ({'auto' if pinned == 'auto' else 'forced'}"
     assert len(active) == 1 and expected in active[0], active
     if pinned == "auto" and "avx512bf16" in available_isas() and auto_isa() != "avx512bf16":  # says why
         assert "avx512bf16 passed over: vdpbf16ps does" in active[0], active
